@@ -1,0 +1,179 @@
+"""Safetensors reading and strict weight assignment.
+
+Weights are read lazily: :func:`read_safetensors` validates the file's header against its size (so a truncated
+file or a header that lies about sizes is an error naming the file) and then memory-maps the tensors through
+``mx.load``; nothing is read until the arrays are evaluated. :func:`assign_weights` checks that every parameter of
+an MLX module receives exactly one array of the right shape, casts to the target dtype and rejects non-finite
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import WeightLoadError
+
+# dtype name in a safetensors header -> bytes per element
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+KeyMap = Callable[[str, mx.array], Iterable[tuple[str, mx.array]]]
+"""A pure function from one checkpoint key and its array to zero or more ``(mlx_key, array)`` pairs."""
+
+
+def validate_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and check the header of a ``.safetensors`` file without reading its tensors.
+
+    Returns:
+        The header's tensor entries: ``{name: {"dtype", "shape", "data_offsets"}}`` (``__metadata__`` removed).
+
+    Raises:
+        WeightLoadError: the file is missing, shorter than its header says, its header is not JSON, or a tensor's
+            byte range does not match its dtype and shape or lies outside the file (message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadError(f"{path}: weight file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightLoadError(f"{path}: not a safetensors file (only {size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise WeightLoadError(f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, "
+                                  f"file has {size}); re-download it")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightLoadError(f"{path}: corrupt safetensors header (not JSON); re-download the file") from None
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"{path}: corrupt safetensors header; re-download the file")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for d in shape:
+                count *= int(d)
+            expected = count * _DTYPE_SIZES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise WeightLoadError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+        if end - start != expected or start < 0:
+            raise WeightLoadError(f"{path}: safetensors header lies about '{name}': {dtype}{list(shape)} needs "
+                                  f"{expected} bytes, header gives {end - start}; re-download the file")
+        if end > data_size:
+            raise WeightLoadError(f"{path}: truncated safetensors file: '{name}' ends at byte {end} of the data "
+                                  f"but the file holds {data_size}; re-download it")
+    return header
+
+
+def read_safetensors(path: Path | str) -> dict[str, mx.array]:
+    """Lazily load every tensor of a ``.safetensors`` file as ``mx.array`` (memory-mapped, dtype as stored).
+
+    Raises:
+        WeightLoadError: see :func:`validate_safetensors_header`, or MLX cannot read the file.
+    """
+    path = Path(path)
+    validate_safetensors_header(path)
+    try:
+        return dict(mx.load(str(path)))
+    except Exception as e:  # MLX raises RuntimeError/ValueError with its own text
+        raise WeightLoadError(f"{path}: cannot read safetensors file ({e}); re-download it") from None
+
+
+def remap_weights(weights: Mapping[str, mx.array], keymap: KeyMap, *, source: str,
+                  benign: Callable[[str], bool] = lambda k: False) -> dict[str, tuple[str, mx.array]]:
+    """Apply ``keymap`` to every checkpoint entry.
+
+    Returns:
+        ``{mlx_key: (checkpoint_key, array)}``; keys for which ``benign(key)`` is true are dropped.
+
+    Raises:
+        WeightLoadError: two checkpoint keys map to the same MLX key (message names both and ``source``).
+    """
+    out: dict[str, tuple[str, mx.array]] = {}
+    for key, value in weights.items():
+        if benign(key):
+            continue
+        for new_key, new_value in keymap(key, value):
+            if new_key in out:
+                raise WeightLoadError(f"{source}: keys '{out[new_key][0]}' and '{key}' both map to '{new_key}'")
+            out[new_key] = (key, new_value)
+    return out
+
+
+def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]], *, source: str,
+                   dtype: mx.Dtype | None = None, check_finite: bool = True,
+                   keep_dtype: Callable[[str], bool] = lambda k: False) -> None:
+    """Strictly assign remapped weights to ``model`` in place.
+
+    Every parameter of ``model`` must receive an array of exactly its shape, and every array must name a
+    parameter. Arrays are cast to ``dtype`` (floating point arrays only; ``keep_dtype(mlx_key)`` keeps a
+    parameter's current dtype, e.g. float32 norms). With ``check_finite``, the arrays are evaluated once and any
+    NaN/Inf is an error naming the key.
+
+    Raises:
+        WeightLoadError: a missing parameter, an unknown checkpoint key, a shape mismatch, or a non-finite value;
+            the message names ``source`` and the key.
+    """
+    params = dict(tree_flatten(model.parameters()))
+    missing = sorted(k for k in params if k not in mapped)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightLoadError(f"{source}: missing weight for parameter '{missing[0]}'{more}; the checkpoint does "
+                              f"not match the config")
+    unknown = sorted(orig for k, (orig, _) in mapped.items() if k not in params)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise WeightLoadError(f"{source}: unknown key '{unknown[0]}'{more}; the checkpoint does not match the "
+                              f"config or model type")
+    new: list[tuple[str, mx.array]] = []
+    for k, p in params.items():
+        orig, arr = mapped[k]
+        if tuple(arr.shape) != tuple(p.shape):
+            raise WeightLoadError(f"{source}: shape mismatch for '{orig}': checkpoint has {tuple(arr.shape)}, "
+                                  f"model expects {tuple(p.shape)} (from the config)")
+        target = p.dtype if keep_dtype(k) else (dtype or arr.dtype)
+        if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != target:
+            arr = arr.astype(target)
+        new.append((k, arr))
+    if check_finite:
+        flags = mx.stack([mx.all(mx.isfinite(a)) for _, a in new]) if new else mx.array([True])
+        mx.eval(flags)
+        bad = [k for (k, _), ok in zip(new, flags.tolist()) if not ok]
+        if bad:
+            raise WeightLoadError(f"{source}: weight '{mapped[bad[0]][0]}' contains NaN or Inf; the file is "
+                                  f"corrupt or was saved from a diverged model")
+    model.update(tree_unflatten(new))
+
+
+def find_weight_file(folder: Path, stem: str, *, prefer_fp16: bool) -> Path:
+    """Pick the safetensors file of a component folder.
+
+    ``stem`` is ``diffusion_pytorch_model`` (diffusers) or ``model`` (transformers). With ``prefer_fp16`` the
+    ``{stem}.fp16.safetensors`` variant is used when present, else ``{stem}.safetensors``; without it the plain file
+    is preferred and the fp16 variant used only when it is the only one.
+
+    Raises:
+        WeightLoadError: neither file exists (message names the folder and suggests the fix; ``.bin``/``.ckpt``
+            pickles are refused, since loading them can run arbitrary code).
+    """
+    plain, half = folder / f"{stem}.safetensors", folder / f"{stem}.fp16.safetensors"
+    order = [half, plain] if prefer_fp16 else [plain, half]
+    for p in order:
+        if p.is_file():
+            return p
+    if (folder / f"{stem}.bin").is_file():
+        raise WeightLoadError(f"{folder}: only {stem}.bin (PyTorch pickle) found; sd_mlx reads safetensors only: "
+                              f"convert it with diffusers' save_pretrained(safe_serialization=True)")
+    raise WeightLoadError(f"{folder}: no {stem}.safetensors (or .fp16.safetensors) found")
