@@ -1,0 +1,42 @@
+"""sd_mlx: Stable Diffusion inference in MLX, numerically matching diffusers.
+
+Public API::
+
+    import sd_mlx
+    pipe = sd_mlx.load_pipeline("path/or/repo-id", dtype="float32")
+    result = pipe("a prompt", num_inference_steps=20, seed=0)
+    result.images[0].save("out.png")
+
+Importing sd_mlx first loads an optimised BLAS for MLX's Linux CPU backend when one is installed (see
+:mod:`sd_mlx.blas`); that has to happen before ``mlx`` is imported, hence the order below.
+"""
+
+from .blas import enable_fast_blas as _enable_fast_blas
+
+BLAS_STATUS = _enable_fast_blas()
+
+from .errors import (  # noqa: E402
+    ConfigError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    NonFiniteError,
+    OutputError,
+    SDMLXError,
+    WeightLoadError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLAS_STATUS", "ConfigError", "InvalidArgumentError", "ModelNotFoundError", "NonFiniteError", "OutputError",
+    "SDMLXError", "WeightLoadError", "load_pipeline", "StableDiffusionPipeline", "PipelineOutput",
+]
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in every model; import it on first use so `import sd_mlx.blas` stays light.
+    if name in ("load_pipeline", "StableDiffusionPipeline", "PipelineOutput"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sd_mlx' has no attribute {name!r}")
