@@ -1,0 +1,124 @@
+"""Shared pytest setup for sd_mlx.
+
+* The repository root goes on ``sys.path`` (so ``tools.make_checkpoint`` imports).
+* :func:`assets_dir` / the ``assets`` fixture: the read-only assets folder (``$SD_MLX_ASSETS`` or
+  ``<repo>/../shared/assets``); tests needing it are skipped with a reason when it is absent.
+* Session fixtures ``tiny_sd1``, ``tiny_sd2``, ``tiny_sd1_noprefix``: tiny random-weight diffusers checkpoints built
+  once and cached in ``<repo>/.cache/test-checkpoints/<name>-<hash>`` (the hash covers the generator's source, the
+  seed and the diffusers/transformers/torch versions, so a change to any of them rebuilds). Skipped with a reason
+  when diffusers/transformers/torch or the assets are missing.
+* Tests marked ``slow`` run only with ``--runslow`` or ``SD_MLX_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "test-checkpoints"
+TINY_SEED = 0
+
+
+def assets_dir() -> Path:
+    """Return the assets folder (``$SD_MLX_ASSETS`` or ``<repo>/../shared/assets``); skip the test if absent."""
+    env = os.environ.get("SD_MLX_ASSETS")
+    path = Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "assets"
+    if not path.is_dir():
+        pytest.skip(f"assets folder {path} not found (set SD_MLX_ASSETS to the shared assets folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The assets folder (see :func:`assets_dir`)."""
+    return assets_dir()
+
+
+def require_reference_libs() -> None:
+    """Skip unless torch, diffusers and transformers (the ``test`` extra) can be imported."""
+    missing = []
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        pytest.skip(f"reference libraries not installed: {', '.join(missing)} (pip install -e '.[test]')")
+
+
+def _cache_key(name: str, seed: int) -> str:
+    import diffusers
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    h.update((REPO_ROOT / "tools" / "make_checkpoint.py").read_bytes())
+    h.update(f"{name}|{seed}|{diffusers.__version__}|{transformers.__version__}|{torch.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cached_checkpoint(name: str, kind: str, *, text_encoder_prefix: bool, seed: int = TINY_SEED) -> Path:
+    """Build (or reuse) a tiny checkpoint in the cache folder; safe against concurrent runs (atomic rename)."""
+    assets_dir()
+    require_reference_libs()
+    from tools.make_checkpoint import make_tiny_checkpoint
+
+    target = CHECKPOINT_CACHE / f"{name}-{_cache_key(name, seed)}"
+    if (target / "model_index.json").is_file():
+        return target
+    CHECKPOINT_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CHECKPOINT_CACHE))
+    try:
+        make_tiny_checkpoint(kind, tmp / "ckpt", text_encoder_prefix=text_encoder_prefix, seed=seed)
+        try:
+            os.replace(tmp / "ckpt", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race to a broken build: retry once
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp / "ckpt", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1() -> Path:
+    """Tiny SD1-like diffusers checkpoint (epsilon, PNDM config, text encoder keys with ``text_model.``)."""
+    return build_cached_checkpoint("tiny-sd1", "sd1", text_encoder_prefix=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2() -> Path:
+    """Tiny SD2-like diffusers checkpoint (v_prediction DDIM config, linear projections, upcast attention,
+    tokenizer padding with ``!``; text encoder keys with ``text_model.``)."""
+    return build_cached_checkpoint("tiny-sd2", "sd2", text_encoder_prefix=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_noprefix() -> Path:
+    """Tiny SD1-like checkpoint whose text encoder keys have no ``text_model.`` prefix (transformers 5 layout)."""
+    return build_cached_checkpoint("tiny-sd1-noprefix", "sd1", text_encoder_prefix=False)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="run tests marked slow (full-size checks; also SD_MLX_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("SD_MLX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --runslow or SD_MLX_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
