@@ -101,7 +101,11 @@ def save_png(image: Image.Image, path: Path | str, *, parameters: str | None = N
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path.parent}: cannot create files there ({e.strerror}); choose another --output") \
+            from None
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format="PNG", pnginfo=info)
