@@ -7,6 +7,7 @@
   once and cached in ``<repo>/.cache/test-checkpoints/<name>-<hash>`` (the hash covers the generator's source, the
   seed and the diffusers/transformers/torch versions, so a change to any of them rebuilds). Skipped with a reason
   when diffusers/transformers/torch or the assets are missing.
+* ``sd_mlx`` is imported first, so its fast BLAS is loaded before anything imports ``mlx``.
 * Tests marked ``slow`` run only with ``--runslow`` or ``SD_MLX_SLOW=1``.
 """
 
@@ -24,6 +25,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# Importing sd_mlx before any test module imports mlx loads the optimised BLAS for MLX's CPU backend (sd_mlx.blas);
+# without it MLX convolutions and matmuls on Linux CPUs are several times slower.
+import sd_mlx  # noqa: E402,F401
 
 CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "test-checkpoints"
 TINY_SEED = 0
