@@ -1,0 +1,361 @@
+"""Building blocks shared by the U-Net and the VAE, in NHWC layout.
+
+Each class follows one diffusers module and keeps its attribute names, so a diffusers state-dict key such as
+``down_blocks.0.resnets.1.conv1.weight`` names the same parameter here (only the array layout differs: convolution
+kernels are ``(O, kh, kw, I)`` instead of ``(O, I, kh, kw)``, and every 1x1 convolution is an :class:`mlx.nn.Linear`
+acting on the channel axis, whose weight is ``(O, I)``).
+
+Layout conventions: feature maps are ``(B, H, W, C)``, token sequences ``(B, L, C)``; parameters are in the dtype
+chosen at load time. Where diffusers computes something in float32 on purpose (the sinusoidal timestep embedding,
+softmax in attention) we do too; group and layer norms accumulate their statistics in float32
+(``mx.fast.layer_norm``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def group_norm(num_groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    """``torch.nn.GroupNorm(num_groups, channels, eps, affine=True)`` for ``(B, H, W, C)`` or ``(B, L, C)`` input.
+
+    Uses ``nn.GroupNorm(pytorch_compatible=True)``: channels are grouped in contiguous blocks of
+    ``channels // num_groups``, as PyTorch does; statistics are accumulated in float32.
+    """
+    return nn.GroupNorm(num_groups, channels, eps=eps, affine=True, pytorch_compatible=True)
+
+
+def timestep_embedding(timesteps: mx.array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, like diffusers' ``get_timestep_embedding``.
+
+    ``freqs[i] = exp(-ln(max_period) * i / (dim // 2 - freq_shift))`` for ``i < dim // 2``; the embedding is
+    ``[sin(t * freqs), cos(t * freqs)]`` (``[cos, sin]`` with ``flip_sin_to_cos``), zero-padded by one column when
+    ``dim`` is odd. Everything is computed in float32.
+
+    Args:
+        timesteps: ``(B,)`` array of any numeric dtype (diffusion timesteps, not normalised).
+        dim: embedding width.
+
+    Returns:
+        ``(B, dim)`` float32.
+    """
+    half = dim // 2
+    exponent = (-math.log(max_period)) * mx.arange(half, dtype=mx.float32)
+    freqs = mx.exp(exponent / (half - freq_shift))
+    args = timesteps.astype(mx.float32)[:, None] * freqs[None, :]
+    sin, cos = mx.sin(args), mx.cos(args)
+    emb = mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2 == 1:
+        emb = mx.pad(emb, [(0, 0), (0, 1)])
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` on the sinusoidal embedding (diffusers ``TimestepEmbedding``).
+
+    Call: ``(B, in_channels) -> (B, time_embed_dim)``, in the parameter dtype (the input is cast to it).
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x.astype(self.linear_1.weight.dtype)
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-norm residual block with an optional time-embedding bias (diffusers ``ResnetBlock2D``,
+    ``time_embedding_norm="default"``, SiLU, no up/down sampling inside).
+
+    ``out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))) / scale``;
+    ``shortcut`` is a 1x1 convolution (a :class:`mlx.nn.Linear` named ``conv_shortcut``) when the channel count
+    changes, else the identity.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        temb_channels: width of the time embedding, or ``None`` (VAE) for no ``time_emb_proj``.
+        groups, groups_out: GroupNorm groups of ``norm1`` / ``norm2`` (``groups_out`` defaults to ``groups``).
+        eps: GroupNorm epsilon.
+        output_scale_factor: the divisor ``scale`` above.
+
+    Call:
+        ``x (B, H, W, in_channels)``, ``temb (B, temb_channels)`` or ``None`` -> ``(B, H, W, out_channels)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
+                 groups_out: int | None = None, eps: float, output_scale_factor: float = 1.0) -> None:
+        super().__init__()
+        self.norm1 = group_norm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = group_norm(groups_out or groups, out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Linear(in_channels, out_channels)
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if temb is not None and "time_emb_proj" in self:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 convolution (diffusers ``Downsample2D(use_conv=True)``).
+
+    ``padding > 0`` pads symmetrically; ``padding == 0`` (the VAE encoder) pads one zero row and column at the
+    bottom and right first, as diffusers does.
+
+    Call: ``(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), C)`` for ``padding=1``,
+    ``(B, floor(H / 2), floor(W / 2), C)`` for ``padding=0``.
+    """
+
+    def __init__(self, channels: int, *, padding: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+        self.pad_bottom_right = padding == 0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.pad_bottom_right:
+            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> mx.array:
+    """Source indices of PyTorch's ``interpolate(mode="nearest")`` along one axis: ``floor(i * in / out)`` in
+    float32 arithmetic, clamped to ``in_size - 1``."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
+    return mx.array(np.minimum(idx, in_size - 1))
+
+
+def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+    """Nearest-neighbour upsampling of ``(B, H, W, C)``, like ``torch.nn.functional.interpolate(mode="nearest")``.
+
+    Args:
+        x: ``(B, H, W, C)``.
+        size: target ``(H_out, W_out)``; ``None`` doubles both sides.
+
+    Returns:
+        ``(B, H_out, W_out, C)``, same dtype.
+    """
+    b, h, w, c = x.shape
+    if size is None or (size[0] == 2 * h and size[1] == 2 * w):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return x.reshape(b, 2 * h, 2 * w, c)
+    ho, wo = int(size[0]), int(size[1])
+    if ho != h:
+        x = mx.take(x, _nearest_indices(h, ho), axis=1)
+    if wo != w:
+        x = mx.take(x, _nearest_indices(w, wo), axis=2)
+    return x
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling (x2 or to a given size) then a 3x3 convolution (diffusers
+    ``Upsample2D(use_conv=True)``).
+
+    Call: ``x (B, H, W, C)``, ``size (H_out, W_out) | None`` -> ``(B, H_out, W_out, C)`` (``None``: ``2H, 2W``).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        return self.conv(upsample_nearest(x, size))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """Multi-head scaled dot-product attention on token-major projections.
+
+    Args:
+        q: ``(B, L, heads * d)``; k, v: ``(B, S, heads * d)``.
+        heads: number of heads.
+
+    Returns:
+        ``(B, L, heads * d)``: ``softmax(q k^T / sqrt(d)) v`` per head, via ``mx.fast.scaled_dot_product_attention``
+        (its softmax runs in float32 whatever the input dtype, which covers diffusers' ``upcast_attention`` and
+        ``upcast_softmax``).
+    """
+    b, lq, inner = q.shape
+    s = k.shape[1]
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+    return o.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention of the transformer blocks (diffusers ``Attention`` with the default processor:
+    ``to_q``/``to_k``/``to_v`` without bias, ``to_out.0`` with bias, no norms, no residual).
+
+    Args:
+        query_dim: channel count of the queries (and of the output).
+        heads, head_dim: number and width of the heads (inner width ``heads * head_dim``).
+        cross_attention_dim: channel count of the context; ``None`` for self-attention (context = queries).
+        upcast_attention: diffusers' flag; the softmax always runs in float32 here, so it is recorded only.
+
+    Call: ``x (B, L, query_dim)``, ``context (B, S, cross_attention_dim) | None`` -> ``(B, L, query_dim)``.
+    """
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, cross_attention_dim: int | None = None,
+                 *, upcast_attention: bool = False) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner, bias=False)
+        self.to_out = [nn.Linear(inner, query_dim)]
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        ctx = x if context is None else context
+        o = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        return self.to_out[0](o)
+
+
+class GEGLU(nn.Module):
+    """``a * gelu(g)`` where ``[a, g] = proj(x)`` split in halves; exact (erf) GELU (diffusers ``GEGLU``).
+
+    Call: ``(..., dim_in) -> (..., dim_out)``.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        a, g = mx.split(self.proj(x), 2, axis=-1)
+        return a * nn.gelu(g)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward ``net.0`` (GEGLU to ``4 * dim``) -> ``net.2`` (Linear back to ``dim``), as diffusers
+    ``FeedForward(activation_fn="geglu")``; ``net.1`` is diffusers' dropout (an identity here, no parameters).
+
+    Call: ``(B, L, dim) -> (B, L, dim)``.
+    """
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = [GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm with a residual (diffusers
+    ``BasicTransformerBlock``, ``norm_type="layer_norm"``, eps 1e-5, ``only_cross_attention=False``).
+
+    Call: ``x (B, L, dim)``, ``context (B, S, cross_attention_dim)`` -> ``(B, L, dim)``.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *,
+                 upcast_attention: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, head_dim, upcast_attention=upcast_attention)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, upcast_attention=upcast_attention)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer on a feature map (diffusers ``Transformer2DModel`` with continuous input).
+
+    ``out = x + proj_out(blocks(proj_in(GroupNorm(x))))`` over the ``H * W`` tokens; GroupNorm eps 1e-6.
+    diffusers' ``proj_in``/``proj_out`` are 1x1 convolutions (``use_linear_projection=False``, SD 1.x) or Linear
+    layers (``True``, SD 2.x); on NHWC data both are the same matrix product, so both are :class:`mlx.nn.Linear`
+    here (the key map reshapes ``(O, I, 1, 1)`` kernels to ``(O, I)``).
+
+    Args:
+        heads, head_dim: attention heads and their width; ``inner = heads * head_dim``.
+        in_channels: channels of the feature map.
+        num_layers: number of :class:`BasicTransformerBlock`.
+        cross_attention_dim: width of the context tokens.
+        norm_num_groups: GroupNorm groups.
+        use_linear_projection: diffusers' flag (recorded; no effect on the maths here).
+        upcast_attention: see :class:`Attention`.
+
+    Call: ``x (B, H, W, in_channels)``, ``context (B, S, cross_attention_dim)`` -> ``(B, H, W, in_channels)``.
+    """
+
+    def __init__(self, heads: int, head_dim: int, in_channels: int, *, num_layers: int, cross_attention_dim: int,
+                 norm_num_groups: int, use_linear_projection: bool = False, upcast_attention: bool = False) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = group_norm(norm_num_groups, in_channels, 1e-6)
+        self.proj_in = nn.Linear(in_channels, inner)
+        self.transformer_blocks = [
+            BasicTransformerBlock(inner, heads, head_dim, cross_attention_dim, upcast_attention=upcast_attention)
+            for _ in range(num_layers)
+        ]
+        self.proj_out = nn.Linear(inner, in_channels)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        t = self.proj_in(self.norm(x)).reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        return x + self.proj_out(t).reshape(b, h, w, c)
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with GroupNorm and a residual (diffusers
+    ``Attention`` as built by ``UNetMidBlock2D`` for the VAE: ``group_norm``, biased ``to_q``/``to_k``/``to_v``/
+    ``to_out.0``, ``residual_connection=True``, ``upcast_softmax=True``).
+
+    ``out = (x + to_out(attn(to_q(n), to_k(n), to_v(n)))) / rescale_output_factor`` with ``n = group_norm(x)``.
+
+    Call: ``(B, H, W, C) -> (B, H, W, C)``.
+    """
+
+    def __init__(self, channels: int, *, heads: int = 1, norm_num_groups: int, eps: float,
+                 rescale_output_factor: float = 1.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = group_norm(norm_num_groups, channels, eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        n = self.group_norm(x).reshape(b, h * w, c)
+        o = attention(self.to_q(n), self.to_k(n), self.to_v(n), self.heads)
+        out = x + self.to_out[0](o).reshape(b, h, w, c)
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
