@@ -173,7 +173,6 @@ class StableDiffusionPipeline:
         self.scheduler_config: dict[str, Any] = read_json(self.folder / "scheduler" / "scheduler_config.json")
         self._models: dict[str, nn.Module] = {}
         self._tokenizer: CLIPTokenizer | None = None
-        self.load_profile = Profile()
 
     # ----- components -------------------------------------------------------------------------------------------
     @property
@@ -185,7 +184,12 @@ class StableDiffusionPipeline:
 
     def _get(self, name: str) -> nn.Module:
         if name not in self._models:
-            with self.load_profile.phase("load"):
+            self._models[name] = self._load(name)
+        return self._models[name]
+
+    def _ensure_loaded(self, name: str, profile: Profile) -> nn.Module:
+        if name not in self._models:
+            with profile.phase("load"):
                 self._models[name] = self._load(name)
         return self._models[name]
 
@@ -370,7 +374,7 @@ class StableDiffusionPipeline:
         validate_size(height, width, self.vae_scale_factor)
         seed = validate_seed(seed)
         sched_name = scheduler or self.scheduler_config.get("_class_name", "PNDMScheduler")
-        sched = get_scheduler(sched_name, self.scheduler_config)
+        sched = get_scheduler(sched_name, self.scheduler_config, **({"eta": eta} if eta else {}))
         sched.set_timesteps(num_inference_steps)  # raises InvalidArgumentError for a bad count
         do_cfg = guidance_scale > 1.0
         if not do_cfg and negatives and any(negatives):
@@ -397,10 +401,9 @@ class StableDiffusionPipeline:
                                        cfg_scale=float(guidance_scale), seed=seeds[k], width=width, height=height,
                                        model=self.model_name) for k in range(batch)]
         profile = Profile()
-        profile.phases.update(self.load_profile.phases)
-        self.load_profile = Profile()
 
         # -- text encoding --
+        self._ensure_loaded("text_encoder", profile)
         with profile.phase("text_encoding"):
             num_chunks = None
             if long_prompt == "chunk" and do_cfg:
@@ -421,14 +424,14 @@ class StableDiffusionPipeline:
             self.release("text_encoder")
 
         # -- denoising --
-        unet = self.unet
+        unet = self._ensure_loaded("unet", profile)
         latent_dtype = mx.float32
         if latents is None:
             latents = initial_noise(seeds, (h, w, channels), latent_dtype)
         latents = latents.astype(latent_dtype) * sched.init_noise_sigma
         timesteps = [float(t) for t in np.asarray(sched.timesteps)]
         step_noise = StepNoise(seeds, (h, w, channels), len(timesteps), latent_dtype) \
-            if getattr(sched, "needs_noise", False) or (eta and eta > 0) else None
+            if sched.needs_noise else None
         iterator = range(len(timesteps))
         if show_progress:
             from tqdm.auto import tqdm
@@ -444,12 +447,8 @@ class StableDiffusionPipeline:
                 if do_cfg:
                     eps_uncond, eps_text = mx.split(eps, 2, axis=0)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-                kwargs: dict[str, Any] = {}
-                if step_noise is not None:
-                    kwargs["noise"] = step_noise(i)
-                if eta:
-                    kwargs["eta"] = eta
-                latents = sched.step(eps, i, latents, **kwargs)
+                noise = step_noise(i) if step_noise is not None else None
+                latents = sched.step(eps, i, latents, noise=noise)
                 mx.eval(latents)
                 if callback is not None and callback(i, t, latents) is False:
                     raise KeyboardInterrupt("generation cancelled by the callback")
@@ -462,6 +461,7 @@ class StableDiffusionPipeline:
             return PipelineOutput(latents, seeds, params, profile)
 
         # -- decoding --
+        self._ensure_loaded("vae", profile)
         with profile.phase("decoding"):
             images = self.decode_latents(latents, batch_size=vae_batch_size)
             check_finite(images, "VAE decoding")
