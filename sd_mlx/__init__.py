@@ -8,12 +8,15 @@ Public API::
     result.images[0].save("out.png")
 
 Importing sd_mlx first loads an optimised BLAS for MLX's Linux CPU backend when one is installed (see
-:mod:`sd_mlx.blas`); that has to happen before ``mlx`` is imported, hence the order below.
+:mod:`sd_mlx.blas`; that has to happen before ``mlx`` is imported, hence the order below) and lets MLX's CPU JIT
+build its fused kernels for the host CPU (:mod:`sd_mlx.cpu_jit`).
 """
 
 from .blas import enable_fast_blas as _enable_fast_blas
+from .cpu_jit import enable_native_cpu_jit as _enable_native_cpu_jit
 
 BLAS_STATUS = _enable_fast_blas()
+NATIVE_CPU_JIT = _enable_native_cpu_jit()
 
 from .errors import (  # noqa: E402
     ConfigError,
@@ -28,7 +31,7 @@ from .errors import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLAS_STATUS", "ConfigError", "InvalidArgumentError", "ModelNotFoundError", "NonFiniteError", "OutputError",
+    "BLAS_STATUS", "NATIVE_CPU_JIT", "ConfigError", "InvalidArgumentError", "ModelNotFoundError", "NonFiniteError", "OutputError",
     "SDMLXError", "WeightLoadError", "load_pipeline", "StableDiffusionPipeline", "PipelineOutput",
 ]
 

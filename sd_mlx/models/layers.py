@@ -14,6 +14,7 @@ softmax in attention) we do too; group and layer norms accumulate their statisti
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,7 +69,7 @@ class TimestepEmbedding(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x.astype(self.linear_1.weight.dtype)
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class ResnetBlock2D(nn.Module):
@@ -104,10 +105,10 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         if temb is not None and "time_emb_proj" in self:
-            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         out = x + h
@@ -182,6 +183,41 @@ class Upsample2D(nn.Module):
         return self.conv(upsample_nearest(x, size))
 
 
+@partial(mx.compile, shapeless=True)
+def silu(x: mx.array) -> mx.array:
+    """SiLU ``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as one compiled kernel (on MLX's CPU backend this is
+    about 2x faster than ``nn.silu``; same values to float rounding). Any shape, any float dtype."""
+    return x / (1 + mx.exp(-x))
+
+
+@partial(mx.compile, shapeless=True)
+def _exp_shifted(scores: mx.array, row_max: mx.array) -> mx.array:
+    return mx.exp(scores - row_max)
+
+
+# Score-chunk budget of the CPU attention path: small enough that the chunk's buffers are recycled by the allocator
+# instead of being mapped (and page-faulted) afresh, large enough to keep the matrix products efficient.
+_CPU_CHUNK_ELEMENTS = 4 * 2**20
+
+
+def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    # softmax(q k^T * scale) v for (B, heads, L, d) inputs, in float32, over query chunks. The normalisation is
+    # applied after the product with v (divide L x d values instead of L x S), and exp(s - max) is one fused
+    # compiled kernel: MLX's stand-alone CPU exp/softmax run as slow scalar code.
+    b, h, lq, _ = q.shape
+    s = k.shape[2]
+    q = q.astype(mx.float32) * scale
+    kt = k.astype(mx.float32).swapaxes(-1, -2)
+    v = v.astype(mx.float32)
+    rows = max(1, min(lq, _CPU_CHUNK_ELEMENTS // (b * h * s)))
+    outs = []
+    for start in range(0, lq, rows):
+        scores = q[:, :, start:start + rows] @ kt
+        e = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
+        outs.append((e @ v) / e.sum(axis=-1, keepdims=True))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Multi-head scaled dot-product attention on token-major projections.
 
@@ -190,9 +226,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
         heads: number of heads.
 
     Returns:
-        ``(B, L, heads * d)``: ``softmax(q k^T / sqrt(d)) v`` per head, via ``mx.fast.scaled_dot_product_attention``
-        (its softmax runs in float32 whatever the input dtype, which covers diffusers' ``upcast_attention`` and
-        ``upcast_softmax``).
+        ``(B, L, heads * d)`` in ``q``'s dtype: ``softmax(q k^T / sqrt(d)) v`` per head, the softmax in float32
+        whatever the input dtype (which covers diffusers' ``upcast_attention`` and ``upcast_softmax``). On a GPU
+        this is ``mx.fast.scaled_dot_product_attention``; on the CPU a chunked float32 path that bounds the
+        score buffers to a few MB and is about 3x faster there (see ``_attention_cpu``).
     """
     b, lq, inner = q.shape
     s = k.shape[1]
@@ -200,7 +237,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+    if mx.default_device() == mx.cpu:
+        o = _attention_cpu(q, k, v, d ** -0.5).astype(q.dtype)
+    else:
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
     return o.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
