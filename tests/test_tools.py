@@ -136,6 +136,19 @@ def test_ensure_full_checkpoint_reuses_cache(tmp_path: Path) -> None:
         benchmark.ensure_full_checkpoint(tmp_path / "nope", tmp_path / "cache", verbose=False)
 
 
+def test_ensure_full_checkpoint_builds_in_a_subprocess(tiny_sd1: Path, tmp_path: Path) -> None:
+    """The tiny checkpoint's folder doubles as a config folder: a random-weight copy is built and then reused."""
+    pytest.importorskip("diffusers")
+    path = benchmark.ensure_full_checkpoint(tiny_sd1, tmp_path / "cache", seed=3, verbose=False)
+    assert path == tmp_path / "cache" / f"{tiny_sd1.name}-random-seed3"
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temporary folder left
+    mtime = (path / "model_index.json").stat().st_mtime_ns
+    assert benchmark.ensure_full_checkpoint(tiny_sd1, tmp_path / "cache", seed=3, verbose=False) == path
+    assert (path / "model_index.json").stat().st_mtime_ns == mtime
+    assert benchmark.peak_rss_bytes() > 0
+
+
 def test_plot_helpers(tmp_path: Path) -> None:
     t = nice_ticks(0.0, 0.37)
     assert t[0] <= 0 and t[-1] >= 0.37 and len(t) >= 3

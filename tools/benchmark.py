@@ -105,8 +105,8 @@ def ensure_full_checkpoint(config_dir: str | Path, cache_dir: str | Path = DEFAU
     """The full-size random-weight checkpoint of ``config_dir``, built once into ``cache_dir`` and reused.
 
     Built with :func:`tools.make_checkpoint.make_full_checkpoint` (float32 weights, ~80 s and ~4 GB of disk for
-    SD 1.5) into a temporary sibling folder, then renamed into place, so an interrupted build leaves nothing
-    half-written under the final name.
+    SD 1.5), in a subprocess, into a temporary sibling folder, then renamed into place, so an interrupted build
+    leaves nothing half-written under the final name.
 
     Args:
         config_dir: a diffusers config folder, e.g. ``../shared/assets/configs/stable-diffusion-v1-5``.
@@ -119,9 +119,8 @@ def ensure_full_checkpoint(config_dir: str | Path, cache_dir: str | Path = DEFAU
 
     Raises:
         FileNotFoundError: ``config_dir/model_index.json`` is missing.
+        RuntimeError: the build failed.
     """
-    from tools.make_checkpoint import make_full_checkpoint
-
     config_dir = Path(config_dir)
     if not (config_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{config_dir}: no model_index.json; pass a diffusers config folder")
@@ -133,7 +132,14 @@ def ensure_full_checkpoint(config_dir: str | Path, cache_dir: str | Path = DEFAU
     try:
         if verbose:
             print(f"building full-size random checkpoint {target} from {config_dir} ...", file=sys.stderr)
-        make_full_checkpoint(config_dir, tmp / "ckpt", seed=seed, verbose=verbose)
+        # In a subprocess: building holds GBs of torch tensors, and this (parent) process must stay small so
+        # that it neither competes with the workers for memory nor shows up in their figures.
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_checkpoint.py"), "full",
+                               str(config_dir), str(tmp / "ckpt"), "--seed", str(seed)],
+                              stdout=subprocess.DEVNULL, stderr=None if verbose else subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the checkpoint failed (status {proc.returncode}): "
+                               f"{(proc.stderr or '').strip()[-2000:]}")
         if not (target / "model_index.json").is_file():
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp / "ckpt", target)
@@ -144,7 +150,20 @@ def ensure_full_checkpoint(config_dir: str | Path, cache_dir: str | Path = DEFAU
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, bytes.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` is not used there because the kernel
+    carries it across ``exec``, so a worker started by a large parent would report the parent's peak. Elsewhere
+    (macOS) ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -202,7 +221,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from sd_mlx.blas import blas_status_for_backend
 
-    rss_import = _peak_rss_bytes()
+    rss_import = peak_rss_bytes()
     if a.mlx_device == "cpu":
         mx.set_default_device(mx.cpu)
     elif a.mlx_device == "gpu":
@@ -250,10 +269,12 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
             "decoding_s": ph["decoding"].seconds, "end_to_end_s": e2e,
             "load_in_call_s": ph["load"].seconds if "load" in ph else 0.0,
             "image_std": float(np.asarray(out.images).std()),
+            "phases": prof.to_dict()["phases"],
         })
         peak = max(peak, prof.peak_memory)
     return {
-        "device": backend if backend == "cpu" else f"gpu ({backend})", "backend": backend, "load_s": load_s, "runs": runs,
+        "device": backend if backend == "cpu" else f"gpu ({backend})", "backend": backend, "load_s": load_s,
+        "runs": runs,
         "peak_accel_bytes": peak, "peak_accel_kind": "mlx", "peak_rss_after_import_bytes": rss_import,
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
         "blas_status_at_import": {"fast": sd_mlx.BLAS_STATUS.fast, "library": sd_mlx.BLAS_STATUS.library,
@@ -279,7 +300,7 @@ def _worker_torch(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import transformers
 
-    rss_import = _peak_rss_bytes()
+    rss_import = peak_rss_bytes()
     if a.device == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -397,7 +418,7 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any]:
         out["unet_seconds_per_step"] = _median([r["unet_seconds_per_step"] for r in runs])
     out["images_per_s"] = _div(a.batch_size, out["end_to_end_s"])
     out["image_steps_per_s"] = _div(a.batch_size, out["seconds_per_step"])
-    out["peak_rss_bytes"] = _peak_rss_bytes()
+    out["peak_rss_bytes"] = peak_rss_bytes()
     for k in ("peak_rss_after_import_bytes", "peak_accel_bytes", "peak_accel_kind", "versions", "runs"):
         out[k] = res[k]
     for k in ("blas_status", "blas_status_at_import", "torch_threads"):
@@ -626,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.make_full:
         try:
             a.checkpoint = str(ensure_full_checkpoint(a.make_full, a.cache_dir))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RuntimeError) as e:
             parser.error(str(e))
     elif not (Path(a.checkpoint) / "model_index.json").is_file():
         parser.error(f"{a.checkpoint}: not a diffusers model folder (no model_index.json)")

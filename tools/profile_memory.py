@@ -3,7 +3,9 @@
 One pipeline call in a fresh process; the figures come from the pipeline's own profile
 (:class:`sd_mlx.profiling.Profile`): for each phase, MLX's peak (``mx.get_peak_memory``, reset at the start of the
 phase, so it includes everything still held then, e.g. the weights) and the process's peak RSS up to the end of
-the phase. ``load`` adds up the loads of the text encoder, U-Net and VAE, each done lazily just before its phase.
+the phase (``ru_maxrss``, which on Linux carries the peak of a parent across ``exec``: start the tool from a
+shell, not from a large process; ``peak_rss_hwm`` is the process's own high-water mark). ``load`` adds up the
+loads of the text encoder, U-Net and VAE, each done lazily just before its phase.
 
 Configuration: ``--dtype``, ``--quantize 4|8`` (``--group-size``), ``--release-models`` / ``--keep-models``
 (drop the text encoder after encoding and the U-Net before decoding, or keep them), ``--tiled-decode`` (when the
@@ -42,7 +44,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from tools.benchmark import DEFAULT_CACHE, DEFAULT_PROMPT, DTYPES, ensure_full_checkpoint  # noqa: E402
+from tools.benchmark import DEFAULT_CACHE, DEFAULT_PROMPT, DTYPES, ensure_full_checkpoint, peak_rss_bytes  # noqa: E402
 
 PHASES = ("load", "text_encoding", "denoising", "decoding")
 #: keyword names a pipeline may use for tiled VAE decoding, first found is used
@@ -136,6 +138,7 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
         "phases": phases,
         "peak_memory": prof.peak_memory,
         "peak_rss": max((p["peak_rss"] for p in phases.values()), default=0),
+        "peak_rss_hwm": peak_rss_bytes(),
         "total_seconds": prof.total_seconds,
         "call_seconds": wall,
         "seconds_per_step": prof.seconds_per_step,
@@ -183,7 +186,9 @@ def format_report(r: dict[str, Any]) -> str:
             continue
         extra = f"  ({p['seconds'] / p['steps']:.3f} s/step)" if p["steps"] else ""
         lines.append(f"{name:<15}{p['seconds']:>9.2f}{p['peak_memory'] / GB:>13.3f}{p['peak_rss'] / GB:>13.3f}{extra}")
-    lines.append(f"{'whole call':<15}{r['call_seconds']:>9.2f}{r['peak_memory'] / GB:>13.3f}{r['peak_rss'] / GB:>13.3f}")
+    lines.append(f"{'whole call':<15}{r['call_seconds']:>9.2f}{r['peak_memory'] / GB:>13.3f}"
+                 f"{r['peak_rss'] / GB:>13.3f}")
+    lines.append(f"process peak RSS at the end (VmHWM where available): {r['peak_rss_hwm'] / GB:.3f} GB")
     lines.append("")
     parts = []
     for name, m in r["models"].items():
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.make_full:
         try:
             a.checkpoint = str(ensure_full_checkpoint(a.make_full, a.cache_dir))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RuntimeError) as e:
             parser.error(str(e))
     restore: list[tuple[Any, int]] = []
     try:
