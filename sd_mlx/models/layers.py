@@ -30,6 +30,44 @@ def group_norm(num_groups: int, channels: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, channels, eps=eps, affine=True, pytorch_compatible=True)
 
 
+# Above this many bytes of unfolded input (MLX builds a (H*W, 9*C) matrix for a 3x3 convolution on the CPU and
+# for large inputs on the GPU), a 3x3 convolution is computed in row strips, each evaluated before the next.
+CONV_UNFOLD_BUDGET_BYTES = 128 * 2**20
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and results) that bounds its working memory on large inputs.
+
+    A stride-1 3x3 convolution whose unfolded input (``B * H * W * 9 * C`` values) would exceed
+    :data:`CONV_UNFOLD_BUDGET_BYTES` is computed over horizontal strips of output rows (each strip reads its rows
+    plus the halo), and each strip is evaluated before the next, so only one strip's unfolded buffer exists at a
+    time. This makes the full-size VAE decode at 512x512 fit in a few GB instead of about ten. The values are those
+    of one convolution (the same products, summed in the same order per output pixel up to BLAS blocking).
+    Smaller inputs take the plain lazy path, so the U-Net's step graph is unaffected.
+
+    Call: ``(B, H, W, C_in) -> (B, H', W', C_out)`` as ``nn.Conv2d``.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kh, kw = self.weight.shape[1:3]
+        b, h, w, c = x.shape
+        if (tuple(self.stride) != (1, 1) or self.dilation not in (1, (1, 1)) or (kh, kw) != (3, 3)
+                or tuple(self.padding) != (1, 1) or getattr(self, "groups", 1) != 1
+                or b * h * w * 9 * c * x.itemsize <= CONV_UNFOLD_BUDGET_BYTES or h < 4):
+            return super().__call__(x)
+        rows = max(1, CONV_UNFOLD_BUDGET_BYTES // (b * w * 9 * c * x.itemsize))
+        xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
+        strips = []
+        for start in range(0, h, rows):
+            stop = min(h, start + rows)
+            y = mx.conv2d(xp[:, start:stop + 2], self.weight, padding=(0, 1))
+            if "bias" in self:
+                y = y + self.bias
+            mx.eval(y)
+            strips.append(y)
+        return mx.concatenate(strips, axis=1)
+
+
 def timestep_embedding(timesteps: mx.array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> mx.array:
     """Sinusoidal embedding of (possibly fractional) timesteps, like diffusers' ``get_timestep_embedding``.
@@ -95,11 +133,11 @@ class ResnetBlock2D(nn.Module):
                  groups_out: int | None = None, eps: float, output_scale_factor: float = 1.0) -> None:
         super().__init__()
         self.norm1 = group_norm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = group_norm(groups_out or groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Linear(in_channels, out_channels)
         self.output_scale_factor = output_scale_factor
@@ -177,7 +215,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
         return self.conv(upsample_nearest(x, size))

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json
 from ..loading.keymaps.vae import vae_keymap
-from .layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm
+from .layers import Conv2d, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm
 
 _EPS = 1e-6  # every norm of diffusers' VAE Encoder/Decoder uses this epsilon
 
@@ -166,7 +166,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         boc, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, boc[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, boc[0], kernel_size=3, padding=1)
         self.down_blocks = []
         out_ch = boc[0]
         for i in range(len(boc)):
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
                                                        groups=groups, add_downsample=i != len(boc) - 1))
         self.mid_block = UNetMidBlock2D(boc[-1], groups=groups, add_attention=config.mid_block_add_attention)
         self.conv_norm_out = group_norm(groups, boc[-1], _EPS)
-        self.conv_out = nn.Conv2d(boc[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(boc[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -194,7 +194,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         boc, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, boc[-1], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, boc[-1], kernel_size=3, padding=1)
         self.mid_block = UNetMidBlock2D(boc[-1], groups=groups, add_attention=config.mid_block_add_attention)
         self.up_blocks = []
         rboc = list(reversed(boc))
@@ -204,7 +204,7 @@ class Decoder(nn.Module):
             self.up_blocks.append(UpDecoderBlock2D(prev_ch, out_ch, num_layers=config.layers_per_block + 1,
                                                    groups=groups, add_upsample=i != len(boc) - 1))
         self.conv_norm_out = group_norm(groups, boc[0], _EPS)
-        self.conv_out = nn.Conv2d(boc[0], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(boc[0], config.out_channels, kernel_size=3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
