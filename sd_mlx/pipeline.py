@@ -246,6 +246,10 @@ def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes:
         if "CrossAttn" in kind:
             tokens = -(-h // 2**level) * -(-w // 2**level)
             attention = unet_rows * heads * tokens * tokens * 4
+            if mx.default_device() == mx.cpu:  # the CPU attention path works on bounded query chunks
+                from .models.layers import _CPU_CHUNK_ELEMENTS
+
+                attention = min(attention, 3 * _CPU_CHUNK_ELEMENTS * 4)
             break
     decoder = 0
     if vae_channels:
@@ -559,6 +563,7 @@ class StableDiffusionPipeline:
         release_models: bool = False,
         vae_batch_size: int = 1,
         unet_batch_size: int | None = 1,
+        tiled_decode: bool | None = None,
         show_progress: bool = False,
     ) -> PipelineOutput:
         """Generate images.
@@ -590,6 +595,10 @@ class StableDiffusionPipeline:
             release_models: drop the text encoder after encoding and the U-Net before decoding.
             vae_batch_size: images decoded at once.
             unet_batch_size: images per U-Net evaluation (1: bit-identical to single-image runs; ``None``: all).
+            tiled_decode: decode the VAE in overlapping tiles as diffusers' ``enable_tiling`` does (``True``),
+                never (``False``), or only when the untiled decode's estimated peak would exceed the machine's
+                memory (``None``, default). Tiles are blended, so a tiled image differs slightly from an untiled
+                one; images that fit in one tile are decoded untiled either way. TAESD decodes untiled.
             show_progress: a tqdm bar over the steps (on stderr).
 
         Returns:
@@ -620,7 +629,8 @@ class StableDiffusionPipeline:
 
         self._ensure_loaded("vae", profile)
         with profile.phase("decoding"):
-            images = self.decode_latents(final, batch_size=vae_batch_size, check=True)
+            images = self.decode_latents(final, batch_size=vae_batch_size, check=True,
+                                         tiled=self._want_tiling(tiled_decode, final.shape, vae_batch_size))
         if output_type == "mx":
             return PipelineOutput(images, plan.seeds, plan.params, profile)
         np_images = np.array(images.astype(mx.float32))
@@ -783,18 +793,40 @@ class StableDiffusionPipeline:
                 bar.close()
         return latents
 
+    def _want_tiling(self, tiled_decode: bool | None, latent_shape: tuple[int, ...], batch: int) -> bool:
+        from .models.vae import AutoencoderKL
+        from .models.vae_tiling import should_tile
+
+        if tiled_decode is not None and not isinstance(tiled_decode, bool):
+            raise InvalidArgumentError(f"tiled_decode must be True, False or None, got {tiled_decode!r}")
+        if not isinstance(self.vae, AutoencoderKL) or tiled_decode is False:
+            return False
+        if tiled_decode:
+            return True
+        f = self.vae_scale_factor
+        return should_tile(latent_shape[1] * f, latent_shape[2] * f, min(batch, latent_shape[0]),
+                           available_memory_bytes(), config=self.vae.config)
+
     def decode_latents(self, latents: mx.array, *, batch_size: int = 1, vae: nn.Module | None = None,
-                       check: bool = False) -> mx.array:
+                       check: bool = False, tiled: bool = False) -> mx.array:
         """Diffusion latents ``(B, h, w, 4)`` -> images ``(B, 8h, 8w, 3)`` in ``[0, 1]`` (float32).
 
         Decodes ``batch_size`` images at a time: ``vae.decode(latents / scaling_factor + shift_factor)``, then
         ``(x / 2 + 0.5).clip(0, 1)`` as diffusers' image processor does. ``vae`` defaults to :attr:`vae`; any
         decoder with a ``config`` holding ``scaling_factor`` (e.g. a TAESD for previews) can be passed.
 
+        With ``tiled``, an ``AutoencoderKL`` decodes through :func:`sd_mlx.models.vae_tiling.tiled_decode`.
+
         Raises:
             NonFiniteError: with ``check``, when the decoder's output (before clipping) holds NaN or Inf.
         """
         vae = self.vae if vae is None else vae
+        if tiled:
+            from .models.vae_tiling import tiled_decode as _tiled_decode
+
+            decode = lambda z: _tiled_decode(vae, z)  # noqa: E731
+        else:
+            decode = vae.decode
         cfg = vae.config
         scale = float(getattr(cfg, "scaling_factor", 0.18215) or 1.0)
         shift = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
@@ -802,7 +834,7 @@ class StableDiffusionPipeline:
         outs = []
         for s in range(0, latents.shape[0], batch_size):
             z = latents[s:s + batch_size] / scale + shift
-            raw = vae.decode(z.astype(vae_dtype)).astype(mx.float32)
+            raw = decode(z.astype(vae_dtype)).astype(mx.float32)
             img = mx.clip(raw / 2 + 0.5, 0.0, 1.0)
             if check:
                 finite = mx.all(mx.isfinite(raw))

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-vae", default=None, metavar="PATH",
                    help="TAESD used for --preview (e.g. a folder with taesd_decoder.safetensors) (default: the "
                         "--vae TAESD)")
+    p.add_argument("--tiled-vae", choices=["auto", "on", "off"], default="auto",
+                   help="decode in overlapping tiles like diffusers' enable_tiling: 'auto' only when the image "
+                        "would not fit in memory (default: auto)")
     p.add_argument("--keep-models", action="store_true",
                    help="keep every model loaded through the whole run (otherwise each is released after its "
                         "phase to lower peak memory)")
@@ -223,7 +226,8 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
                       guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                       num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
                       long_prompt=args.long_prompt, clip_skip=args.clip_skip, callback=callback,
-                      release_models=not args.keep_models, show_progress=True)
+                      release_models=not args.keep_models, show_progress=True,
+                      tiled_decode={"auto": None, "on": True, "off": False}[args.tiled_vae])
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, parameters=params.to_a1111(), overwrite=args.overwrite)
         print(f"saved {path} (seed {params.seed})")

@@ -203,8 +203,12 @@ def _memory_comparison(config: VAEConfig, image: int, what: str) -> tuple[int, i
     return untiled, tiled, estimate
 
 
-def test_tiled_decode_peak_memory_small_config():
-    """512x512 output with a small 4-level VAE (tiles of 256 px, as SD's 512 px tiles at 1024 px)."""
+def test_tiled_decode_peak_memory_small_config(monkeypatch):
+    """512x512 output with a small 4-level VAE (tiles of 256 px, as SD's 512 px tiles at 1024 px), against the
+    plain lazy decode (row-strip convolutions off: they bound the untiled decode's memory on their own)."""
+    import sd_mlx.models.layers as layers
+
+    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", 2**62)
     cfg = VAEConfig(**{**TINY, "sample_size": 256})
     untiled, tiled, estimate = _memory_comparison(cfg, 512, "small VAE (16,32,32,32)")
     assert tiled <= untiled / 3
@@ -236,3 +240,23 @@ def test_tiled_decode_peak_memory_full_size_1024():
     cfg = VAEConfig.from_dict(json.loads(path.read_text()), str(path))
     untiled, tiled, _ = _memory_comparison(cfg, 1024, "SD 1.5 VAE")
     assert tiled <= untiled / 3
+
+
+def test_pipeline_tiled_decode_option(tiny_sd1):
+    """tiled_decode=True goes through tiled_decode (equal to it), False/None (fits in memory) decode untiled."""
+    import numpy as np
+
+    import sd_mlx
+
+    pipe = sd_mlx.load_pipeline(tiny_sd1)
+    kw = dict(num_inference_steps=2, height=96, width=80, seed=3, output_type="np", guidance_scale=1.0)
+    plain = pipe("a cat", tiled_decode=False, **kw).images
+    auto = pipe("a cat", **kw).images
+    np.testing.assert_array_equal(plain, auto)
+    latents = pipe("a cat", output_type="latent", **{k: v for k, v in kw.items() if k != "output_type"}).images
+    tiled = pipe("a cat", tiled_decode=True, **kw).images
+    scale = pipe.vae.config.scaling_factor
+    ref = np.array(mx.clip(tiled_decode(pipe.vae, latents / scale, force=False) / 2 + 0.5, 0, 1))
+    np.testing.assert_allclose(tiled, ref, atol=1e-6)
+    with pytest.raises(sd_mlx.InvalidArgumentError, match="tiled_decode"):
+        pipe("a cat", tiled_decode="yes", **kw)
