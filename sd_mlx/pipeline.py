@@ -227,7 +227,8 @@ class MemoryEstimate:
 
 
 def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes: int, *, height: int, width: int,
-                    unet_rows: int, vae_batch: int, vae_scale_factor: int = 8, act_bytes: int = 4) -> MemoryEstimate:
+                    unet_rows: int, vae_batch: int, vae_scale_factor: int = 8, act_bytes: int = 4,
+                    chunked_attention: bool | None = None) -> MemoryEstimate:
     """Estimate the peak memory of one generation (see :class:`MemoryEstimate`); deliberately a lower bound, so an
     error raised on it never refuses a call that would have fitted.
 
@@ -239,14 +240,18 @@ def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes:
         unet_rows: rows of one U-Net evaluation (images at a time, times 2 with guidance).
         vae_batch: images decoded at once.
         act_bytes: bytes per activation element (4 for float32).
+        chunked_attention: the U-Net's attention runs on bounded query chunks (MLX's CPU path) rather than on the
+            whole score matrix; ``None`` means "when MLX's default device is the CPU".
     """
+    if chunked_attention is None:
+        chunked_attention = mx.default_device() == mx.cpu
     h, w = height // vae_scale_factor, width // vae_scale_factor
     attention = 0
     for level, (kind, heads) in enumerate(zip(unet_config.down_block_types, unet_config.heads)):
         if "CrossAttn" in kind:
             tokens = -(-h // 2**level) * -(-w // 2**level)
             attention = unet_rows * heads * tokens * tokens * 4
-            if mx.default_device() == mx.cpu:  # the CPU attention path works on bounded query chunks
+            if chunked_attention:
                 from .models.layers import _CPU_CHUNK_ELEMENTS
 
                 attention = min(attention, 3 * _CPU_CHUNK_ELEMENTS * 4)
