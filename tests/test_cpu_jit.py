@@ -1,0 +1,50 @@
+"""The native-ISA wrapper for MLX's CPU JIT: it is installed on Linux when g++ exists, can be turned off, and the
+kernels it builds give the same values as MLX's uncompiled ops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import sd_mlx
+from sd_mlx.cpu_jit import enable_native_cpu_jit
+
+linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                               reason="the wrapper is for MLX's Linux CPU JIT, which needs g++")
+
+
+@linux_gxx
+def test_wrapper_is_installed_first_in_path():
+    folder = sd_mlx.NATIVE_CPU_JIT
+    assert folder is not None and os.environ["PATH"].split(os.pathsep)[0] == folder
+    script = open(os.path.join(folder, "g++")).read()
+    assert "-march=native" in script and "-ffast-math" not in script
+    assert enable_native_cpu_jit() == folder  # idempotent
+    assert os.environ["PATH"].split(os.pathsep).count(folder) == 1
+
+
+@linux_gxx
+def test_can_be_turned_off():
+    env = dict(os.environ, SD_MLX_NATIVE_JIT="0", PATH=os.environ["PATH"].split(os.pathsep, 1)[1])
+    out = subprocess.run([sys.executable, "-c", "import sd_mlx; print(sd_mlx.NATIVE_CPU_JIT)"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "None"
+
+
+def test_compiled_kernels_match_plain_ops():
+    from sd_mlx.models.layers import _exp_shifted, _gated_gelu, silu
+
+    x = mx.random.normal((3, 17, 33), key=mx.random.key(0)) * 4
+    m = mx.max(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.array(_exp_shifted(x, m)), np.exp(np.array(x) - np.array(m)), rtol=2e-6)
+    ref = np.array(x) / (1 + np.exp(-np.array(x, dtype=np.float64)))
+    np.testing.assert_allclose(np.array(silu(x)), ref, rtol=1e-5, atol=1e-6)
+    a, g = x[..., :16], x[..., 16:32]
+    np.testing.assert_allclose(np.array(_gated_gelu(a, g)), np.array(a * nn.gelu(g)), rtol=1e-5, atol=1e-6)
