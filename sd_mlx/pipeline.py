@@ -852,6 +852,25 @@ class StableDiffusionPipeline:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 
 
+def resolve_taesd(vae: str | Path) -> Path:
+    """A TAESD location: an existing path as is; ``"taesd"``/``"taesdxl"`` or another repo id through the Hub
+    (``madebyollin/taesd``; cache and ``HF_HUB_OFFLINE`` honoured).
+
+    Raises:
+        ModelNotFoundError: neither an existing path nor a fetchable repo id.
+    """
+    from .loading.hub import TAESD_PATTERNS, TAESD_REPOS, looks_like_repo_id
+
+    path = Path(vae).expanduser()
+    if path.exists():
+        return path
+    name = TAESD_REPOS.get(str(vae).lower(), str(vae))
+    if not looks_like_repo_id(name):
+        raise ModelNotFoundError(f"{vae}: TAESD not found; pass 'taesd', a Hub repo id, or a folder with "
+                                 f"taesd_decoder.safetensors (or a diffusers AutoencoderTiny folder)")
+    return resolve_model(name, allow_patterns=TAESD_PATTERNS)
+
+
 def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str | Path | None = None,
                   quantize: int | None = None, quantize_group_size: int = 64,
                   revision: str | None = None) -> StableDiffusionPipeline:
@@ -880,5 +899,6 @@ def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str 
     dt = parse_dtype(dtype)
     variant = "fp16" if dt != mx.float32 else None
     folder = resolve_model(name_or_path, variant=variant, revision=revision)
+    vae = resolve_taesd(vae) if vae is not None else None
     return StableDiffusionPipeline(folder, dtype=dtype, model_name=str(name_or_path), vae=vae, quantize=quantize,
                                    quantize_group_size=quantize_group_size)

@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the U-Net and text encoder linear layers to this many bits (default: off)")
     p.add_argument("--quantize-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="group size for --quantize")
-    p.add_argument("--vae", default=None, metavar="PATH",
-                   help="use a TAESD decoder (folder with taesd_decoder.safetensors, the file, or a diffusers "
-                        "AutoencoderTiny folder) instead of the model's VAE: faster, slightly blurrier (default: "
-                        "the model's VAE)")
+    p.add_argument("--vae", default=None, metavar="taesd|PATH",
+                   help="use a TAESD decoder instead of the model's VAE, faster and slightly blurrier: 'taesd' "
+                        "(madebyollin/taesd from the Hub cache), a folder with taesd_decoder.safetensors, the file, "
+                        "or a diffusers AutoencoderTiny folder (default: the model's VAE)")
     p.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
                    help="prompts over 77 tokens: truncate like diffusers (with a warning) or encode 75-token "
                         "chunks like AUTOMATIC1111")
@@ -210,8 +210,9 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
         decoder = None
         if args.preview_vae is not None:
             from .models.taesd import load_taesd
+            from .pipeline import resolve_taesd
 
-            decoder = load_taesd(args.preview_vae, dtype=args.dtype)
+            decoder = load_taesd(resolve_taesd(args.preview_vae), dtype=args.dtype)
         preview_path = paths[0].with_name(f"{paths[0].stem}.preview.png")
         callback = PreviewWriter(pipe, decoder, preview_path, args.preview, verbose=args.verbose)
         previews.append(callback)

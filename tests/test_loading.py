@@ -173,3 +173,25 @@ def test_offline_not_cached(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "not in the Hugging Face cache" in msg and "hf download someone/not-cached-model" in msg
     assert "--model PATH" in msg
+
+
+def test_taesd_names(tmp_path, monkeypatch):
+    """--vae taesd goes to the Hub repo madebyollin/taesd (offline: the usual clear error); paths pass through."""
+    from sd_mlx.pipeline import resolve_taesd
+
+    assert resolve_taesd(tmp_path) == tmp_path
+    with pytest.raises(ModelNotFoundError, match="TAESD not found"):
+        resolve_taesd("no such taesd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import importlib
+
+    import huggingface_hub.constants as c
+
+    importlib.reload(c)
+    try:
+        with pytest.raises(ModelNotFoundError, match="hf download madebyollin/taesd"):
+            resolve_taesd("taesd")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(c)

@@ -39,13 +39,21 @@ def looks_like_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith("/")
 
 
+TAESD_REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
+"""Short names for the TAESD decoders on the Hub (diffusers ``AutoencoderTiny`` format)."""
+
+TAESD_PATTERNS = ("config.json", "diffusion_pytorch_model.safetensors", "taesd*_encoder.safetensors",
+                  "taesd*_decoder.safetensors")
+
+
 def resolve_model(name_or_path: str | os.PathLike, *, variant: str | None = None,
-                  revision: str | None = None) -> Path:
+                  revision: str | None = None, allow_patterns: tuple[str, ...] | None = None) -> Path:
     """Return a local folder holding the diffusers model named by ``name_or_path``.
 
     A path to an existing folder is returned as is. A repo id (``owner/name``) is fetched with
     ``huggingface_hub.snapshot_download`` (only configs, tokenizer files and safetensors; ``variant="fp16"`` also
-    fetches ``*.fp16.safetensors``), which reuses the Hub cache and honours ``HF_HUB_OFFLINE``.
+    fetches ``*.fp16.safetensors``; ``allow_patterns`` replaces those patterns, e.g. :data:`TAESD_PATTERNS`), which
+    reuses the Hub cache and honours ``HF_HUB_OFFLINE``.
 
     Raises:
         ModelNotFoundError: the name is neither an existing folder nor a valid repo id; or the repo is not cached
@@ -66,7 +74,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, variant: str | None = None
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
-    patterns = list(PIPELINE_PATTERNS) + list(_weight_patterns(variant))
+    patterns = list(allow_patterns) if allow_patterns else list(PIPELINE_PATTERNS) + list(_weight_patterns(variant))
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
