@@ -34,6 +34,20 @@ CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "test-checkpoints"
 TINY_SEED = 0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_one_thread():
+    """Run the torch reference single-threaded: its OpenMP threads and the OpenBLAS threads MLX uses
+    (sd_mlx.blas) busy-wait against each other on small machines, making the reference 10-20x slower."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def assets_dir() -> Path:
     """Return the assets folder (``$SD_MLX_ASSETS`` or ``<repo>/../shared/assets``); skip the test if absent."""
     env = os.environ.get("SD_MLX_ASSETS")

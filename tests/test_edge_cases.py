@@ -66,7 +66,7 @@ def stubbed(folder: Path, fill: float | None = None) -> tuple[StableDiffusionPip
     return p, stub
 
 
-def expect_before_loading(p: StableDiffusionPipeline, exc: type, match: str, **kw) -> None:
+def check_raises_before_loading(p: StableDiffusionPipeline, exc: type, match: str, **kw) -> None:
     args = {**KW, **kw}
     prompt = args.pop("prompt", "a cat")
     with pytest.raises(exc, match=match):
@@ -150,11 +150,11 @@ def test_prompts_at_the_token_limit(pipe, n_tokens):
 
 
 def test_bad_prompt_types(fresh):
-    expect_before_loading(fresh, InvalidArgumentError, "prompt must be a string or a non-empty list", prompt=[])
-    expect_before_loading(fresh, InvalidArgumentError, "prompt must be a string", prompt=None)
-    expect_before_loading(fresh, InvalidArgumentError, "negative_prompt has 2 entries for 3 prompts",
+    check_raises_before_loading(fresh, InvalidArgumentError, "prompt must be a string or a non-empty list", prompt=[])
+    check_raises_before_loading(fresh, InvalidArgumentError, "prompt must be a string", prompt=None)
+    check_raises_before_loading(fresh, InvalidArgumentError, "negative_prompt has 2 entries for 3 prompts",
                           prompt=["a", "b", "c"], negative_prompt=["x", "y"])
-    expect_before_loading(fresh, InvalidArgumentError, "long_prompt must be one of truncate, chunk",
+    check_raises_before_loading(fresh, InvalidArgumentError, "long_prompt must be one of truncate, chunk",
                           long_prompt="split")
 
 
@@ -169,14 +169,14 @@ def test_bad_prompt_types(fresh):
     (64.0, 64, "height must be an integer number of pixels, got 64.0"),
 ])
 def test_invalid_sizes_fail_before_loading(fresh, height, width, message):
-    expect_before_loading(fresh, InvalidArgumentError, re.escape(message), height=height, width=width)
+    check_raises_before_loading(fresh, InvalidArgumentError, re.escape(message), height=height, width=width)
 
 
 @pytest.mark.parametrize("height,width", [(512, 520), (608, 608), (640, 640), (8, 8), (16384, 8)])
 def test_multiples_of_8_are_valid_sizes(height, width):
     from sd_mlx.pipeline import validate_size
 
-    validate_size(height, width)  # no error (the large ones are not run here)
+    assert validate_size(height, width) is None  # no error (the large ones are not run here)
 
 
 @pytest.mark.parametrize("height,width", [(8, 8), (64, 72), (72, 64), (40, 24)])
@@ -301,12 +301,12 @@ def test_pipeline_runs_the_unet_once_per_timestep(tiny_sd1, name):
 
 @pytest.mark.parametrize("n", [0, 1001, -3, 2.5, True, "20"])
 def test_invalid_step_counts_fail_before_loading(fresh, n):
-    expect_before_loading(fresh, InvalidArgumentError, "num_inference_steps must be", num_inference_steps=n,
+    check_raises_before_loading(fresh, InvalidArgumentError, "num_inference_steps must be", num_inference_steps=n,
                           scheduler="euler")
 
 
 def test_lcm_step_limit(fresh):
-    expect_before_loading(fresh, InvalidArgumentError, "num_inference_steps must be between 1 and 50 for LCM",
+    check_raises_before_loading(fresh, InvalidArgumentError, "num_inference_steps must be between 1 and 50 for LCM",
                           num_inference_steps=51, scheduler="lcm")
 
 
@@ -349,7 +349,7 @@ def test_guidance_at_or_below_one_is_a_single_conditional_pass(tiny_sd1):
         assert batches == [2, 2], g  # [uncond, cond]
     assert not np.array_equal(out, results[1.0])
     for bad in (float("nan"), float("inf"), "7.5", None):
-        expect_before_loading(load_pipeline(tiny_sd1), InvalidArgumentError, "guidance_scale must be a finite",
+        check_raises_before_loading(load_pipeline(tiny_sd1), InvalidArgumentError, "guidance_scale must be a finite",
                               guidance_scale=bad)
 
 
@@ -595,4 +595,4 @@ def test_seed_range(pipe, fresh):
     assert top.seeds == [2**64 - 1, 0]  # image k uses (seed + k) mod 2**64
     assert np.array_equal(np.array(top.images[1:]), zero)
     for bad in (2**64, -1, 1.5, "3"):
-        expect_before_loading(fresh, InvalidArgumentError, "seed must be", seed=bad)
+        check_raises_before_loading(fresh, InvalidArgumentError, "seed must be", seed=bad)

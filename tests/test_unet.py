@@ -47,16 +47,6 @@ INPAINT_STYLE = dict(SD1_STYLE, in_channels=9, block_out_channels=(16, 32, 32), 
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-    """Run torch single-threaded here: its OpenMP threads and the OpenBLAS threads MLX uses (sd_mlx.blas)
-    busy-wait against each other on small machines, making the reference 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_reference(folder: Path, seed: int = 0, **config):
     """Build, perturb, save (safetensors) and return a diffusers U-Net in eval mode."""
     torch.manual_seed(seed)

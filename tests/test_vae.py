@@ -33,16 +33,6 @@ TINY = dict(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderB
             sample_size=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-    """Run torch single-threaded here: its OpenMP threads and the OpenBLAS threads MLX uses (sd_mlx.blas)
-    busy-wait against each other on small machines, making the reference much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_reference(folder: Path, seed: int = 0, **config):
     """Build, perturb, save (safetensors) and return a diffusers AutoencoderKL in eval mode."""
     torch.manual_seed(seed)

@@ -38,15 +38,6 @@ TINY = dict(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderB
             sample_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-    """Torch single-threaded: its OpenMP threads and MLX's OpenBLAS threads busy-wait against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae_tiling")
