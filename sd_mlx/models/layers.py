@@ -123,6 +123,9 @@ class ResnetBlock2D(nn.Module):
         temb_channels: width of the time embedding, or ``None`` (VAE) for no ``time_emb_proj``.
         groups, groups_out: GroupNorm groups of ``norm1`` / ``norm2`` (``groups_out`` defaults to ``groups``).
         eps: GroupNorm epsilon.
+        strip_convs: use :class:`Conv2d` (row strips evaluated one by one on large inputs) for the 3x3
+            convolutions: for the VAE, whose full-resolution maps are large; not for the U-Net, whose step is one
+            lazily evaluated graph (and may be ``mx.compile``d).
         output_scale_factor: the divisor ``scale`` above.
 
     Call:
@@ -130,14 +133,16 @@ class ResnetBlock2D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
-                 groups_out: int | None = None, eps: float, output_scale_factor: float = 1.0) -> None:
+                 groups_out: int | None = None, eps: float, output_scale_factor: float = 1.0,
+                 strip_convs: bool = False) -> None:
         super().__init__()
+        conv = Conv2d if strip_convs else nn.Conv2d
         self.norm1 = group_norm(groups, in_channels, eps)
-        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = group_norm(groups_out or groups, out_channels, eps)
-        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Linear(in_channels, out_channels)
         self.output_scale_factor = output_scale_factor
@@ -213,9 +218,9 @@ class Upsample2D(nn.Module):
     Call: ``x (B, H, W, C)``, ``size (H_out, W_out) | None`` -> ``(B, H_out, W_out, C)`` (``None``: ``2H, 2W``).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, strip_convs: bool = False) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = (Conv2d if strip_convs else nn.Conv2d)(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
         return self.conv(upsample_nearest(x, size))

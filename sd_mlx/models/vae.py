@@ -102,7 +102,7 @@ class DownEncoderBlock2D(nn.Module):
                  add_downsample: bool) -> None:
         super().__init__()
         self.resnets = [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=groups,
-                                      eps=_EPS) for i in range(num_layers)]
+                                      eps=_EPS, strip_convs=True) for i in range(num_layers)]
         if add_downsample:
             self.downsamplers = [Downsample2D(out_channels, padding=0)]
 
@@ -124,9 +124,9 @@ class UpDecoderBlock2D(nn.Module):
                  add_upsample: bool) -> None:
         super().__init__()
         self.resnets = [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=groups,
-                                      eps=_EPS) for i in range(num_layers)]
+                                      eps=_EPS, strip_convs=True) for i in range(num_layers)]
         if add_upsample:
-            self.upsamplers = [Upsample2D(out_channels)]
+            self.upsamplers = [Upsample2D(out_channels, strip_convs=True)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for resnet in self.resnets:
@@ -145,7 +145,8 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, *, groups: int, add_attention: bool) -> None:
         super().__init__()
-        self.resnets = [ResnetBlock2D(channels, channels, None, groups=groups, eps=_EPS) for _ in range(2)]
+        self.resnets = [ResnetBlock2D(channels, channels, None, groups=groups, eps=_EPS, strip_convs=True)
+                        for _ in range(2)]
         if add_attention:
             self.attentions = [SpatialSelfAttention(channels, heads=1, norm_num_groups=groups, eps=_EPS)]
 
