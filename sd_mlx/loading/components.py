@@ -85,8 +85,7 @@ def load_component(folder: Path | str, spec: ComponentSpec, *, dtype: str | mx.D
     model = spec.build(config)
     path = Path(weights_file) if weights_file else find_weight_file(folder, spec.weight_stem,
                                                                    prefer_fp16=mx_dtype != mx.float32)
-    weights = read_safetensors(path)
-    mapped = remap_weights(weights, spec.keymap, source=str(path), benign=spec.benign)
-    assign_weights(model, mapped, source=str(path), dtype=mx_dtype, keep_dtype=spec.keep_dtype)
+    mapped = remap_weights(read_safetensors(path), spec.keymap, source=str(path), benign=spec.benign)
+    assign_weights(model, mapped, source=str(path), dtype=mx_dtype, keep_dtype=spec.keep_dtype, consume=True)
     model.eval()
     return model

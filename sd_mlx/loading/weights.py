@@ -114,13 +114,15 @@ def remap_weights(weights: Mapping[str, mx.array], keymap: KeyMap, *, source: st
 
 def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]], *, source: str,
                    dtype: mx.Dtype | None = None, check_finite: bool = True,
-                   keep_dtype: Callable[[str], bool] = lambda k: False) -> None:
+                   keep_dtype: Callable[[str], bool] = lambda k: False, consume: bool = False) -> None:
     """Strictly assign remapped weights to ``model`` in place.
 
     Every parameter of ``model`` must receive an array of exactly its shape, and every array must name a
     parameter. Arrays are cast to ``dtype`` (floating point arrays only; ``keep_dtype(mlx_key)`` keeps a
     parameter's current dtype, e.g. float32 norms). With ``check_finite``, the arrays are evaluated once and any
-    NaN/Inf is an error naming the key.
+    NaN/Inf is an error naming the key. Arrays are cast and evaluated in groups of about 64 MB; with ``consume``
+    (``mapped`` must then be a mutable dict the caller no longer needs), each source array is dropped from
+    ``mapped`` once its cast copy exists, which keeps a float32 file loaded as float16 from holding both copies.
 
     Raises:
         WeightLoadError: a missing parameter, an unknown checkpoint key, a shape mismatch, or a non-finite value;
@@ -137,23 +139,39 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise WeightLoadError(f"{source}: unknown key '{unknown[0]}'{more}; the checkpoint does not match the "
                               f"config or model type")
-    new: list[tuple[str, mx.array]] = []
     for k, p in params.items():
         orig, arr = mapped[k]
         if tuple(arr.shape) != tuple(p.shape):
             raise WeightLoadError(f"{source}: shape mismatch for '{orig}': checkpoint has {tuple(arr.shape)}, "
                                   f"model expects {tuple(p.shape)} (from the config)")
-        target = p.dtype if keep_dtype(k) else (dtype or arr.dtype)
+    # Cast and evaluate a group of about 64 MB at a time, dropping each source array once its copy exists, so
+    # a float32 file loaded as float16 never holds both full copies at once.
+    new: list[tuple[str, mx.array]] = []
+    group: list[tuple[str, mx.array]] = []
+    group_bytes = 0
+    names = list(params)
+    for n, k in enumerate(names):
+        orig, arr = mapped[k]
+        target = params[k].dtype if keep_dtype(k) else (dtype or arr.dtype)
         if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != target:
             arr = arr.astype(target)
-        new.append((k, arr))
-    if check_finite:
-        flags = mx.stack([mx.all(mx.isfinite(a)) for _, a in new]) if new else mx.array([True])
-        mx.eval(flags)
-        bad = [k for (k, _), ok in zip(new, flags.tolist()) if not ok]
-        if bad:
-            raise WeightLoadError(f"{source}: weight '{mapped[bad[0]][0]}' contains NaN or Inf; the file is "
-                                  f"corrupt or was saved from a diverged model")
+        group.append((k, arr))
+        group_bytes += arr.nbytes
+        del arr
+        if group_bytes < 64 * 2**20 and n + 1 < len(names):
+            continue
+        flags = mx.stack([mx.all(mx.isfinite(a)) for _, a in group]) if check_finite else None
+        mx.eval([a for _, a in group] + ([flags] if flags is not None else []))
+        if flags is not None:
+            bad = [gk for (gk, _), ok in zip(group, flags.tolist()) if not ok]
+            if bad:
+                raise WeightLoadError(f"{source}: weight '{mapped[bad[0]][0]}' contains NaN or Inf; the file is "
+                                      f"corrupt or was saved from a diverged model")
+        for gk, _ in group:
+            if consume:
+                mapped[gk] = (mapped[gk][0], None)  # type: ignore[index]
+        new += group
+        group, group_bytes = [], 0
     model.update(tree_unflatten(new))
 
 
