@@ -457,13 +457,9 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_out(x)
 
 
-def _unet_build(config: UNetConfig) -> UNet2DConditionModel:
-    return UNet2DConditionModel(config)
-
-
 UNET_SPEC = ComponentSpec(
     config_from_dict=UNetConfig.from_dict,
-    build=_unet_build,
+    build=UNet2DConditionModel,
     keymap=unet_keymap,
     weight_stem="diffusion_pytorch_model",
 )

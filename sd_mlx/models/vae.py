@@ -307,13 +307,9 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
 
-def _vae_build(config: VAEConfig) -> AutoencoderKL:
-    return AutoencoderKL(config)
-
-
 VAE_SPEC = ComponentSpec(
     config_from_dict=VAEConfig.from_dict,
-    build=_vae_build,
+    build=AutoencoderKL,
     keymap=vae_keymap,
     weight_stem="diffusion_pytorch_model",
 )
