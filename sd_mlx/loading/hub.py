@@ -80,7 +80,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, variant: str | None = None
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
         raise ModelNotFoundError(f"{name}: repo not found on the Hugging Face Hub or access is gated "
                                  f"({type(e).__name__}); check the id, or log in with `hf auth login`") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError) as e:
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError):
         raise ModelNotFoundError(
             f"{name}: not in the Hugging Face cache and the Hub cannot be reached (offline="
             f"{os.environ.get('HF_HUB_OFFLINE', '0')}); download it on a connected machine with "

@@ -496,6 +496,17 @@ class SigmaScheduler(Scheduler):
         dtype = original_samples.dtype
         return (original_samples + noise * mx.array(sig).astype(dtype)).astype(dtype)
 
+    def _predict_original(self, model_output: mx.array, sigma: np.float32, sample: mx.array) -> mx.array:
+        """The x0 prediction at noise level ``sigma`` for the config's ``prediction_type``: epsilon
+        ``x - sigma * eps``, v ``v * -sigma / sqrt(sigma^2 + 1) + x / (sigma^2 + 1)``, sample as is (diffusers'
+        k-diffusion schedulers)."""
+        if self.config.prediction_type == "epsilon":
+            return sample - fl(sigma) * model_output
+        if self.config.prediction_type == "v_prediction":
+            s2p1 = sigma * sigma + f32(1.0)
+            return model_output * fl(-sigma / np.sqrt(s2p1)) + sample / fl(s2p1)
+        return model_output
+
     def _interp_sigmas(self, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float64 sigmas interpolated at ``timesteps``, float32 log of the training sigmas)."""
         train = sigmas_from_alphas_cumprod(self.alphas_cumprod)

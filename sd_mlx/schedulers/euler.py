@@ -53,13 +53,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def _step(self, model_output: mx.array, i: int, sample: mx.array, noise: mx.array | None) -> mx.array:
         sigma = self.sigmas[i]
-        if self.config.prediction_type == "epsilon":
-            pred = sample - fl(sigma) * model_output
-        elif self.config.prediction_type == "v_prediction":
-            s2p1 = sigma * sigma + f32(1.0)
-            pred = model_output * fl(-sigma / np.sqrt(s2p1)) + sample / fl(s2p1)
-        else:
-            pred = model_output
+        pred = self._predict_original(model_output, sigma, sample)
         self.pred_original_sample = pred
         derivative = (sample - pred) / fl(sigma)
         dt = self.sigmas[i + 1] - sigma

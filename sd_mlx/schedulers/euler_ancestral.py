@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .base import PREDICTION_TYPES, SigmaScheduler, f32, fl
+from .base import PREDICTION_TYPES, SigmaScheduler, fl
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
@@ -37,11 +37,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     def _step(self, model_output: mx.array, i: int, sample: mx.array, noise: mx.array | None) -> mx.array:
         sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
-        if self.config.prediction_type == "epsilon":
-            pred = sample - fl(sigma) * model_output
-        else:
-            s2p1 = sigma * sigma + f32(1.0)
-            pred = model_output * fl(-sigma / np.sqrt(s2p1)) + sample / fl(s2p1)
+        pred = self._predict_original(model_output, sigma, sample)
         self.pred_original_sample = pred
         with np.errstate(invalid="ignore"):
             sigma_up = np.sqrt(sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma))

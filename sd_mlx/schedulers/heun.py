@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .base import SigmaScheduler, f32, fl, karras_sigmas, sigma_to_t
+from .base import SigmaScheduler, fl, karras_sigmas, sigma_to_t
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -52,13 +52,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
         else:
             sigma, sigma_next = self.sigmas[i - 1], self.sigmas[i]
         sigma_in = sigma if first else sigma_next
-        if c.prediction_type == "epsilon":
-            pred = sample - fl(sigma_in) * model_output
-        elif c.prediction_type == "v_prediction":
-            s2p1 = sigma_in * sigma_in + f32(1.0)
-            pred = model_output * fl(-sigma_in / np.sqrt(s2p1)) + sample / fl(s2p1)
-        else:
-            pred = model_output
+        pred = self._predict_original(model_output, sigma_in, sample)
         if c.clip_sample:
             pred = mx.clip(pred, -c.clip_sample_range, c.clip_sample_range)
         self.pred_original_sample = pred

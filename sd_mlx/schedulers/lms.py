@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .base import SigmaScheduler, f32, fl, karras_sigmas, sigma_to_t
+from .base import SigmaScheduler, fl, karras_sigmas, sigma_to_t
 
 _ORDER = 4
 
@@ -71,13 +71,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     def _step(self, model_output: mx.array, i: int, sample: mx.array, noise: mx.array | None) -> mx.array:
         sigma = self.sigmas[i]
-        if self.config.prediction_type == "epsilon":
-            pred = sample - fl(sigma) * model_output
-        elif self.config.prediction_type == "v_prediction":
-            s2p1 = sigma * sigma + f32(1.0)
-            pred = model_output * fl(-sigma / np.sqrt(s2p1)) + sample / fl(s2p1)
-        else:
-            pred = model_output
+        pred = self._predict_original(model_output, sigma, sample)
         self.pred_original_sample = pred
         self._derivatives.append((sample - pred) / fl(sigma))
         if len(self._derivatives) > _ORDER:
