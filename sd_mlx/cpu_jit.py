@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-_FLAGS = "-march=native -fno-math-errno"
+_FLAGS = "-march=native -fno-math-errno -fno-trapping-math -finline-limit=10000"
 
 
 def _wrapper_dir() -> Path:

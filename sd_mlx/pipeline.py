@@ -318,8 +318,15 @@ class StableDiffusionPipeline:
         model_name: the name the user gave (for PNG metadata).
         vae: ``None`` for the checkpoint's AutoencoderKL, or a path to a TAESD (diffusers ``AutoencoderTiny``
             folder, folder with ``taesd_decoder.safetensors``, or that file).
-        quantize: ``None``, 4 or 8: quantize the U-Net's and text encoder's linear layers with ``mlx.nn.quantize``.
+        quantize: ``None``, 4 or 8: quantize the U-Net's and text encoder's linear layers (and convolutions, see
+            ``quantize_convolutions``) with ``mx.quantize`` (see :mod:`sd_mlx.quantization`).
         quantize_group_size: group size for quantization (32, 64 or 128).
+        quantize_convolutions: with ``quantize``, also quantize the convolutions (default; needed for the 4-bit
+            memory figures in the README) or only the linear layers (``False``, closer to the full-precision image).
+
+    On the CPU, half-precision or quantized models compute in float32 (``compute_dtype``): the weights stay in
+    their stored form and each one is widened as it is used (MLX's CPU half-precision and quantized products are
+    50-75x slower than float32 ones). On a GPU ``compute_dtype`` is ``dtype``.
 
     Raises:
         ModelNotFoundError: a component folder is missing.
@@ -329,7 +336,8 @@ class StableDiffusionPipeline:
     """
 
     def __init__(self, folder: Path, *, dtype: str = "float32", model_name: str | None = None,
-                 vae: str | Path | None = None, quantize: int | None = None, quantize_group_size: int = 64) -> None:
+                 vae: str | Path | None = None, quantize: int | None = None, quantize_group_size: int = 64,
+                 quantize_convolutions: bool = True) -> None:
         from .models.clip import CLIP_TEXT_SPEC
         from .models.unet import UNET_SPEC
         from .models.vae import VAE_SPEC, vae_load_dtype
@@ -342,6 +350,9 @@ class StableDiffusionPipeline:
         if quantize_group_size not in (32, 64, 128):
             raise InvalidArgumentError(f"quantize_group_size must be 32, 64 or 128, got {quantize_group_size!r}")
         self.quantize, self.quantize_group_size = quantize, quantize_group_size
+        self.quantize_convolutions = bool(quantize_convolutions)
+        on_cpu = mx.default_device() == mx.cpu
+        self.compute_dtype = mx.float32 if on_cpu and (self.dtype != mx.float32 or quantize) else self.dtype
         self._vae_path = Path(vae).expanduser() if vae is not None else None
         if self._vae_path is not None and not self._vae_path.exists():
             raise ModelNotFoundError(f"{self._vae_path}: TAESD not found; pass a folder with "
@@ -417,7 +428,10 @@ class StableDiffusionPipeline:
         if self.quantize and name in ("text_encoder", "unet"):
             from .quantization import quantize_model
 
-            quantize_model(model, bits=self.quantize, group_size=self.quantize_group_size)
+            quantize_model(model, bits=self.quantize, group_size=self.quantize_group_size,
+                           convolutions=self.quantize_convolutions)
+        if self.compute_dtype != self.dtype:
+            model.compute_dtype = self.compute_dtype
         mx.eval(model.parameters())
         return model
 
@@ -731,8 +745,8 @@ class StableDiffusionPipeline:
             if plan.do_cfg:
                 uncond = mx.repeat(self._encode_unique(plan.negatives, "negative prompt", plan, num_chunks), n,
                                    axis=0)
-            cond = cond.astype(self.dtype)
-            uncond = uncond.astype(self.dtype) if uncond is not None else None
+            cond = cond.astype(self.compute_dtype)
+            uncond = uncond.astype(self.compute_dtype) if uncond is not None else None
             both = cond if uncond is None else mx.concatenate([uncond, cond])
             mx.eval(both)
             check_finite(both, "text encoding")
@@ -748,7 +762,7 @@ class StableDiffusionPipeline:
         else:
             x_in, ctx = x, cond
         t_in = mx.full((x_in.shape[0],), t, dtype=mx.float32)
-        out = unet(x_in.astype(self.dtype), t_in, ctx).astype(mx.float32)
+        out = unet(x_in.astype(self.compute_dtype), t_in, ctx).astype(mx.float32)
         if uncond is None:
             return out
         out_uncond, out_text = mx.split(out, 2, axis=0)
@@ -872,7 +886,7 @@ def resolve_taesd(vae: str | Path) -> Path:
 
 
 def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str | Path | None = None,
-                  quantize: int | None = None, quantize_group_size: int = 64,
+                  quantize: int | None = None, quantize_group_size: int = 64, quantize_convolutions: bool = True,
                   revision: str | None = None) -> StableDiffusionPipeline:
     """Open a Stable Diffusion 1.x/2.x model: a local diffusers folder or a Hugging Face repo id.
 
@@ -882,12 +896,14 @@ def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str 
     Args:
         name_or_path: folder or repo id (fetched through ``huggingface_hub``; honours its cache and
             ``HF_HUB_OFFLINE``).
-        dtype: ``"float32"`` (default; use it on CPU), ``"float16"`` or ``"bfloat16"``; ``*.fp16.safetensors``
-            files are preferred for the half types.
+        dtype: parameter dtype, ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``; ``*.fp16.safetensors``
+            files are preferred for the half types. On the CPU the half types halve the weights' memory and still
+            compute in float32 (see :class:`StableDiffusionPipeline`).
         vae: ``None`` (the model's own VAE) or a TAESD path (diffusers folder, folder with
             ``taesd_decoder.safetensors``, or that file).
-        quantize: ``None``, 4 or 8: quantized linear layers in the U-Net and text encoder.
+        quantize: ``None``, 4 or 8: quantized linear layers (and convolutions) in the U-Net and text encoder.
         quantize_group_size: 32, 64 or 128.
+        quantize_convolutions: with ``quantize``, quantize the convolutions too (default) or only linear layers.
         revision: Hub revision.
 
     Raises:
@@ -901,4 +917,5 @@ def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str 
     folder = resolve_model(name_or_path, variant=variant, revision=revision)
     vae = resolve_taesd(vae) if vae is not None else None
     return StableDiffusionPipeline(folder, dtype=dtype, model_name=str(name_or_path), vae=vae, quantize=quantize,
-                                   quantize_group_size=quantize_group_size)
+                                   quantize_group_size=quantize_group_size,
+                                   quantize_convolutions=quantize_convolutions)

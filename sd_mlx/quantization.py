@@ -1,25 +1,105 @@
-"""Weight quantization of the U-Net and text encoder with ``mlx.nn.quantize``.
+"""Weight quantization of the U-Net and text encoder (affine ``mx.quantize``: ``bits`` per weight, one scale and
+one offset per ``group_size`` consecutive input weights, as ``mlx.nn.quantize`` does).
 
-Linear layers (attention projections, feed-forwards, time embedding, ``proj_in``/``proj_out`` when linear) whose
-input size is a multiple of the group size are replaced by ``nn.QuantizedLinear`` (affine, ``bits`` per weight,
-one scale and bias per ``group_size`` weights). Convolutions, norms and embeddings stay as they are: they hold
-little of the U-Net's weight and are the most sensitive to rounding.
+- Linear layers (attention projections, feed-forwards, time embedding, ``proj_in``/``proj_out``, 1x1
+  convolutions) whose input size is a multiple of the group size become :class:`QuantizedLinear`.
+- With ``convolutions=True`` (the default), convolutions whose ``kh * kw * C_in`` is a multiple of the group size
+  become :class:`QuantizedConv2d`: the SD1.5 U-Net holds 541 M of its 860 M weights in 3x3 convolutions, so
+  quantizing only the linear layers leaves it at 1.26 GB with float16 convolutions, against 0.48 GB with both.
+- Norms, embeddings and the layers that do not divide evenly stay in full precision.
+
+How a quantized layer computes: on a GPU, linear layers use ``mx.quantized_matmul``; on the CPU (where MLX's
+quantized and half-precision products are 50-75x slower than float32 BLAS, measured at 8192x1280x1280), each
+layer's weights are dequantized as they are used and multiplied in float32, so only one layer's full-precision
+weight exists at a time. Convolutions always dequantize their weight first (MLX has no quantized convolution).
 """
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from .errors import InvalidArgumentError
+from .models.layers import CPU_TAPS_MIN_PIXELS, conv3x3_taps
 
 
-def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64) -> nn.Module:
-    """Quantize ``model``'s eligible ``nn.Linear`` layers in place and return it.
+class QuantizedLinear(nn.QuantizedLinear):
+    """``mlx.nn.QuantizedLinear`` (same parameters: packed ``weight``, ``scales``, ``biases``, optional ``bias``)
+    that dequantizes and uses a float32-friendly product on the CPU.
+
+    Call: ``(..., input_dims) -> (..., output_dims)``; on the CPU the result has the promoted dtype of the input and
+    the scales (float32 activations stay float32).
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        y = x @ w.T
+        return y + self["bias"] if "bias" in self else y
+
+
+class QuantizedConv2d(nn.Module):
+    """A 2-D convolution with quantized weights, made from an ``mlx.nn.Conv2d`` by :meth:`from_conv`.
+
+    Parameters: ``weight`` (packed, ``(O, kh * kw * C_in * bits / 32)`` uint32), ``scales`` and ``biases``
+    (``(O, kh * kw * C_in / group_size)``) in the source weight's dtype, optional ``bias`` ``(O,)``. The kernel is
+    dequantized to ``(O, kh, kw, C_in)`` at each call (freed after the layer) and applied as ``nn.Conv2d`` would;
+    a stride-1 3x3 convolution with padding 1 on a large input uses :func:`sd_mlx.models.layers.conv3x3_taps` on
+    the CPU, as ``sd_mlx.models.layers.Conv2d`` does.
+
+    Call: ``(B, H, W, C_in) -> (B, H', W', O)``.
+    """
+
+    def __init__(self, kernel_shape: tuple[int, int, int, int], *, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int] | int, group_size: int, bits: int, taps: bool) -> None:
+        super().__init__()
+        self.kernel_shape = tuple(kernel_shape)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.group_size, self.bits, self.taps = group_size, bits, taps
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, group_size: int, bits: int) -> "QuantizedConv2d":
+        """Quantize ``conv`` (an ``nn.Conv2d`` or ``sd_mlx.models.layers.Conv2d`` with ``groups == 1``).
+
+        Raises:
+            InvalidArgumentError: ``kh * kw * C_in`` is not a multiple of ``group_size``, or grouped convolution.
+        """
+        o, kh, kw, cin = conv.weight.shape
+        if (kh * kw * cin) % group_size or getattr(conv, "groups", 1) != 1:
+            raise InvalidArgumentError(f"cannot quantize a {kh}x{kw} convolution of {cin} channels with group size "
+                                       f"{group_size}")
+        q = cls((o, kh, kw, cin), stride=tuple(conv.stride), padding=tuple(conv.padding), dilation=conv.dilation,
+                group_size=group_size, bits=bits, taps=bool(getattr(conv, "use_taps", False)))
+        q.weight, q.scales, q.biases = mx.quantize(conv.weight.reshape(o, -1), group_size, bits)
+        if "bias" in conv:
+            q.bias = conv.bias
+        return q
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+        w = w.reshape(self.kernel_shape)
+        bias = self["bias"] if "bias" in self else None
+        _, h, wd, _ = x.shape
+        if (self.taps and self.kernel_shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
+                and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1))
+                and h * wd >= CPU_TAPS_MIN_PIXELS and mx.default_device() == mx.cpu):
+            return conv3x3_taps(x, w, bias)
+        y = mx.conv2d(x, w, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return y + bias if bias is not None else y
+
+
+def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolutions: bool = True) -> nn.Module:
+    """Quantize ``model``'s eligible linear (and, with ``convolutions``, convolution) layers in place; return it.
 
     Args:
         model: a loaded MLX module (weights assigned).
         bits: 4 or 8.
-        group_size: 32, 64 or 128; layers whose input size is not a multiple of it are left in full precision.
+        group_size: 32, 64 or 128; layers whose input size (``kh * kw * C_in`` for convolutions) is not a multiple
+            of it are left in full precision.
+        convolutions: also quantize convolutions (see the module docstring).
 
     Raises:
         InvalidArgumentError: unsupported ``bits`` or ``group_size``.
@@ -29,8 +109,13 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64) -> nn.M
     if group_size not in (32, 64, 128):
         raise InvalidArgumentError(f"quantization group size must be 32, 64 or 128, got {group_size!r}")
 
-    def eligible(path: str, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+    def swap(_path: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0:
+            return QuantizedLinear.from_linear(module, group_size, bits)
+        if (convolutions and isinstance(module, nn.Conv2d) and getattr(module, "groups", 1) == 1
+                and module.weight[0].size % group_size == 0):
+            return QuantizedConv2d.from_conv(module, group_size, bits)
+        return module
 
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=eligible)
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     return model

@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampler: {', '.join(SCHEDULER_NAMES)} or a diffusers class name (default: the model's "
                         f"own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="weights/compute dtype; float32 is fastest on CPU, float16 halves memory on a Mac")
+                   help="weights dtype; float16 halves the weights' memory (on CPU it still computes in float32)")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
-                   help="quantize the U-Net and text encoder linear layers to this many bits (default: off)")
+                   help="quantize the U-Net and text encoder linear layers and convolutions to this many bits "
+                        "(default: off)")
+    p.add_argument("--quantize-linear-only", action="store_true",
+                   help="with --quantize, leave the convolutions unquantized (more memory, closer image)")
     p.add_argument("--quantize-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="group size for --quantize")
     p.add_argument("--vae", default=None, metavar="taesd|PATH",
@@ -204,7 +207,8 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,
-                         quantize_group_size=args.quantize_group_size)
+                         quantize_group_size=args.quantize_group_size,
+                         quantize_convolutions=not args.quantize_linear_only)
     callback = None
     if args.preview:
         decoder = None

@@ -558,7 +558,7 @@ def test_float16_intermediates_are_finite(tiny_sd1):
     out = p("a cat", **{**KW, "num_inference_steps": 2}, scheduler="euler", output_type="np",
             callback=lambda i, t, lat: finite.append(bool(mx.all(mx.isfinite(lat)).item())))
     assert finite == [True, True] and np.isfinite(out.images).all()
-    assert p.unet.dtype == mx.float16
+    assert p.unet.conv_in.weight.dtype == mx.float16  # weights stay half (on the CPU it computes in float32)
 
 
 def test_nonfinite_latents_and_images_raise(tiny_sd1, monkeypatch):

@@ -179,11 +179,12 @@ def test_profile_memory_quantized_with_psnr(tiny_sd1: Path, tmp_path: Path,
     assert r["peak_memory"] == max(p["peak_memory"] for p in r["phases"].values())
     # the tiny model's linear layers are multiples of 32 wide: they are quantized, so the image changes a little
     assert r["models"]["unet"]["quantized_linear"] > 0 and r["models"]["text_encoder"]["quantized_linear"] > 0
-    assert r["models"]["vae"]["quantized_linear"] == 0
+    assert r["models"]["unet"]["quantized_conv"] > 0
+    assert r["models"]["vae"]["quantized_linear"] == 0 and r["models"]["vae"]["quantized_conv"] == 0
     p = r["psnr"]
     assert not p["identical"] and math.isfinite(p["psnr_db"]) and p["psnr_db"] > 15, p
     print(f"tiny sd1, 8-bit group 32: PSNR {p['psnr_db']:.2f} dB, max abs diff {p['max_abs_diff']:.4f}")
-    assert "PSNR" in table and "8-bit (group 32)" in table
+    assert "PSNR" in table and "8-bit (group 32, linear + conv)" in table
 
 
 def test_profile_memory_limits_release_and_tiled_option(tiny_sd1: Path, tmp_path: Path,

@@ -72,12 +72,15 @@ def tiled_decode_kwarg(pipe: Any) -> str | None:
 
 
 def model_stats(model: nn.Module) -> dict[str, int]:
-    """``{"bytes": parameter bytes, "quantized_linear": n, "linear": n}`` of an MLX module (quantized layers'
-    packed weights, scales and biases counted)."""
+    """``{"bytes": parameter bytes, "quantized_linear": n, "linear": n, "quantized_conv": n}`` of an MLX module
+    (quantized layers' packed weights, scales and biases counted)."""
+    from sd_mlx.quantization import QuantizedConv2d
+
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     mods = [m for _, m in model.named_modules()]
     return {"bytes": int(nbytes), "quantized_linear": sum(isinstance(m, nn.QuantizedLinear) for m in mods),
-            "linear": sum(type(m) is nn.Linear for m in mods)}
+            "linear": sum(type(m) is nn.Linear for m in mods),
+            "quantized_conv": sum(isinstance(m, QuantizedConv2d) for m in mods)}
 
 
 def _device_name() -> str:
@@ -115,7 +118,8 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
 
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype, vae=a.vae, quantize=a.quantize,
-                                quantize_group_size=a.group_size)
+                                quantize_group_size=a.group_size,
+                                quantize_convolutions=not a.quantize_linear_only)
     tiled = tiled_decode_kwarg(pipe)
     tiled_state: bool | str = bool(a.tiled_decode) if (tiled or not a.tiled_decode) else "unsupported"
     if a.tiled_decode and not tiled:
@@ -127,7 +131,7 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "settings": {k: getattr(a, k) for k in ("dtype", "quantize", "group_size", "release_models", "steps",
                                                 "height", "width", "batch_size", "guidance_scale", "scheduler",
-                                                "seed", "prompt", "negative_prompt", "memory_limit",
+                                                "seed", "prompt", "negative_prompt", "memory_limit", "quantize_linear_only",
                                                 "cache_limit")},
         "checkpoint": str(Path(a.checkpoint).resolve()),
         "vae": str(a.vae) if a.vae else None,
@@ -165,7 +169,8 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable table of a :func:`profile_memory` report."""
     s = r["settings"]
-    quant = f"{s['quantize']}-bit (group {s['group_size']})" if s["quantize"] else "none"
+    quant = (f"{s['quantize']}-bit (group {s['group_size']}, "
+             f"{'linear layers only' if s.get('quantize_linear_only') else 'linear + conv'})") if s["quantize"] else "none"
     tiled = {True: "on", False: "off", "unsupported": "not available in this pipeline"}[r["tiled_decode"]]
     limits = ", ".join(f"{k.split('_')[0]} {s[k]:g} GB" for k in ("memory_limit", "cache_limit")
                        if s[k] is not None) or "none"
@@ -193,6 +198,7 @@ def format_report(r: dict[str, Any]) -> str:
     parts = []
     for name, m in r["models"].items():
         q = f", {m['quantized_linear']} quantized linear" if m["quantized_linear"] else ""
+        q += f", {m['quantized_conv']} quantized conv" if m.get("quantized_conv") else ""
         parts.append(f"{name} {m['bytes'] / GB:.3f} GB{q}")
     lines.append("weights: " + "; ".join(parts))
     if "psnr" in r:
@@ -212,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use (building once) the full-size random-weight checkpoint of this config folder")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where --make-full keeps checkpoints")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--quantize", type=int, choices=(4, 8), help="bits for the U-Net and text encoder linear layers")
+    p.add_argument("--quantize", type=int, choices=(4, 8),
+                   help="bits for the U-Net and text encoder linear layers and convolutions")
+    p.add_argument("--quantize-linear-only", action="store_true", help="with --quantize, keep convolutions as loaded")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="quantization group size")
     rel = p.add_mutually_exclusive_group()
     rel.add_argument("--release-models", dest="release_models", action="store_true",

@@ -234,6 +234,9 @@ class CLIPTextModel(nn.Module):
         if self.with_projection:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
+    # Activation dtype; ``None`` means the parameter dtype (see ``UNet2DConditionModel.compute_dtype``).
+    compute_dtype: mx.Dtype | None = None
+
     def pooled_positions(self, input_ids: mx.array) -> mx.array:
         """``(B,)`` int32 index of the pooled (EOS) position of each row of ``input_ids`` ``(B, T)``."""
         ids = input_ids.astype(mx.int32)
@@ -253,7 +256,8 @@ class CLIPTextModel(nn.Module):
                 :class:`sd_mlx.tokenizer.CLIPTokenizer`.
 
         Returns:
-            :class:`CLIPTextOutput` with arrays in the parameter dtype (lazy; evaluate what you use).
+            :class:`CLIPTextOutput` with arrays in the parameter dtype, or in ``compute_dtype`` when that is set
+            (lazy; evaluate what you use).
 
         Raises:
             InvalidArgumentError: ``input_ids`` is not 2-D or longer than ``max_position_embeddings``.
@@ -264,6 +268,8 @@ class CLIPTextModel(nn.Module):
             raise InvalidArgumentError(f"input_ids has {input_ids.shape[1]} tokens; the text encoder takes at most "
                                        f"{self.config.max_position_embeddings} (use chunking for long prompts)")
         h = self.embeddings(input_ids)
+        if self.compute_dtype is not None:
+            h = h.astype(self.compute_dtype)
         states = [h]
         for layer in self.encoder.layers:
             h = layer(h)

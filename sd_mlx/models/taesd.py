@@ -265,11 +265,14 @@ class AutoencoderTiny(nn.Module):
         if decoder:
             self.decoder = TinyDecoder(config)
 
+    # Activation dtype; ``None`` means the parameter dtype (see ``UNet2DConditionModel.compute_dtype``).
+    compute_dtype: mx.Dtype | None = None
+
     @property
     def dtype(self) -> mx.Dtype:
-        """Parameter dtype."""
+        """Activation dtype: ``compute_dtype`` when set, else the parameter dtype."""
         part = self.encoder if self.has_encoder else self.decoder
-        return part.layers[0].weight.dtype
+        return self.compute_dtype or part.layers[0].weight.dtype
 
     def _check(self, x: mx.array, channels: int, what: str) -> None:
         if x.ndim != 4 or x.shape[-1] != channels:

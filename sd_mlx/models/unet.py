@@ -17,8 +17,8 @@ import mlx.nn as nn
 from ..loading.components import ComponentSpec, load_component
 from ..loading.configs import dataclass_from_dict
 from ..loading.keymaps.unet import unet_keymap
-from .layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, group_norm,
-                     timestep_embedding)
+from .layers import (Conv2d, Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D,
+                     group_norm, timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -354,7 +354,7 @@ class UNet2DConditionModel(nn.Module):
         groups, eps = c.norm_num_groups, c.norm_eps
         lin, upcast = c.use_linear_projection, c.upcast_attention
 
-        self.conv_in = nn.Conv2d(c.in_channels, boc[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, boc[0], kernel_size=3, padding=1, taps=True)
         self.time_embedding = TimestepEmbedding(boc[0], temb_ch)
 
         self.down_blocks = []
@@ -400,12 +400,17 @@ class UNet2DConditionModel(nn.Module):
             self.up_blocks.append(block)
 
         self.conv_norm_out = group_norm(groups, boc[0], eps)
-        self.conv_out = nn.Conv2d(boc[0], c.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(boc[0], c.out_channels, kernel_size=3, padding=1, taps=True)
+
+    # Activation dtype; ``None`` means the parameter dtype. The pipeline sets float32 on the CPU for half or
+    # quantized weights (MLX's CPU half-precision matrix products are ~50x slower than float32 ones; mixed
+    # float32 x float16 products promote each weight to float32 as it is used, so memory keeps the half weights).
+    compute_dtype: mx.Dtype | None = None
 
     @property
     def dtype(self) -> mx.Dtype:
-        """dtype of the parameters (and of the output)."""
-        return self.conv_in.weight.dtype
+        """Activation dtype: ``compute_dtype`` when set, else the dtype of the parameters (and of the output)."""
+        return self.compute_dtype or self.conv_in.weight.dtype
 
     def __call__(self, sample: mx.array, timestep: mx.array | float | int, encoder_hidden_states: mx.array) -> mx.array:
         """Predict the model output (noise, or v for v-prediction checkpoints) for a batch of latents.
@@ -413,13 +418,13 @@ class UNet2DConditionModel(nn.Module):
         Args:
             sample: ``(B, h, w, in_channels)`` noisy latents (any ``h, w``; sizes that are not a multiple of
                 ``2 ** num_upsamplers`` are handled as diffusers does, by upsampling to the skip connection's size).
-                Cast to the parameter dtype.
+                Cast to :attr:`dtype` (the parameter dtype unless ``compute_dtype`` is set).
             timestep: scalar (Python number or 0-d array) or ``(B,)`` array; may be fractional. The sinusoidal
-                embedding is computed in float32, then cast to the parameter dtype.
-            encoder_hidden_states: ``(B, T, cross_attention_dim)`` text embeddings (cast to the parameter dtype).
+                embedding is computed in float32, then cast to :attr:`dtype`.
+            encoder_hidden_states: ``(B, T, cross_attention_dim)`` text embeddings (cast to :attr:`dtype`).
 
         Returns:
-            ``(B, h, w, out_channels)`` in the parameter dtype.
+            ``(B, h, w, out_channels)`` in :attr:`dtype`.
         """
         c = self.config
         dtype = self.dtype

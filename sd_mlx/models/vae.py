@@ -167,7 +167,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         boc, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = Conv2d(config.in_channels, boc[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, boc[0], kernel_size=3, padding=1, strips=True)
         self.down_blocks = []
         out_ch = boc[0]
         for i in range(len(boc)):
@@ -176,7 +176,7 @@ class Encoder(nn.Module):
                                                        groups=groups, add_downsample=i != len(boc) - 1))
         self.mid_block = UNetMidBlock2D(boc[-1], groups=groups, add_attention=config.mid_block_add_attention)
         self.conv_norm_out = group_norm(groups, boc[-1], _EPS)
-        self.conv_out = Conv2d(boc[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(boc[-1], 2 * config.latent_channels, kernel_size=3, padding=1, strips=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -195,7 +195,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         boc, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = Conv2d(config.latent_channels, boc[-1], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, boc[-1], kernel_size=3, padding=1, strips=True)
         self.mid_block = UNetMidBlock2D(boc[-1], groups=groups, add_attention=config.mid_block_add_attention)
         self.up_blocks = []
         rboc = list(reversed(boc))
@@ -205,7 +205,7 @@ class Decoder(nn.Module):
             self.up_blocks.append(UpDecoderBlock2D(prev_ch, out_ch, num_layers=config.layers_per_block + 1,
                                                    groups=groups, add_upsample=i != len(boc) - 1))
         self.conv_norm_out = group_norm(groups, boc[0], _EPS)
-        self.conv_out = Conv2d(boc[0], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(boc[0], config.out_channels, kernel_size=3, padding=1, strips=True)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -260,10 +260,13 @@ class AutoencoderKL(nn.Module):
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Linear(lc, lc)
 
+    # Activation dtype; ``None`` means the parameter dtype (see ``UNet2DConditionModel.compute_dtype``).
+    compute_dtype: mx.Dtype | None = None
+
     @property
     def dtype(self) -> mx.Dtype:
-        """dtype of the parameters; ``encode``/``decode`` compute and return in it."""
-        return self.decoder.conv_in.weight.dtype
+        """``encode``/``decode`` compute and return in it: ``compute_dtype`` when set, else the parameters'."""
+        return self.compute_dtype or self.decoder.conv_in.weight.dtype
 
     @property
     def vae_scale_factor(self) -> int:
