@@ -405,15 +405,24 @@ class StableDiffusionPipeline:
         return self._models[name]
 
     def _load(self, name: str) -> nn.Module:
-        """Load one component's weights (``"text_encoder"``, ``"unet"`` or ``"vae"``) and evaluate them."""
+        """Load one component's weights (``"text_encoder"``, ``"unet"`` or ``"vae"``) and evaluate them.
+
+        A quantized component is loaded lazily, quantized, then evaluated in groups: each layer's float weights are
+        read from the file, quantized and dropped in turn, so the full-precision model never exists in memory."""
+        from .loading.components import load_component
+        from .loading.weights import evaluate_parameters
+
+        quantized = bool(self.quantize) and name in ("text_encoder", "unet")
         if name == "text_encoder":
-            from .models.clip import load_text_encoder
+            from .models.clip import CLIP_TEXT_SPEC
 
-            model = load_text_encoder(self.folder / "text_encoder", dtype=self.dtype)
+            folder, spec = self.folder / "text_encoder", CLIP_TEXT_SPEC
+            model = load_component(folder, spec, dtype=self.dtype, evaluate=not quantized)
         elif name == "unet":
-            from .models.unet import load_unet
+            from .models.unet import UNET_SPEC
 
-            model = load_unet(self.folder / "unet", dtype=self.dtype)
+            folder, spec = self.folder / "unet", UNET_SPEC
+            model = load_component(folder, spec, dtype=self.dtype, evaluate=not quantized)
         elif name == "vae":
             if self._vae_path is not None:
                 from .models.taesd import load_taesd
@@ -425,11 +434,12 @@ class StableDiffusionPipeline:
                 model = load_vae(self.folder / "vae", dtype=self.dtype)
         else:  # pragma: no cover - internal
             raise KeyError(name)
-        if self.quantize and name in ("text_encoder", "unet"):
+        if quantized:
             from .quantization import quantize_model
 
             quantize_model(model, bits=self.quantize, group_size=self.quantize_group_size,
                            convolutions=self.quantize_convolutions)
+            evaluate_parameters(model, source=str(folder))
         if self.compute_dtype != self.dtype:
             model.compute_dtype = self.compute_dtype
         mx.eval(model.parameters())

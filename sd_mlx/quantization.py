@@ -35,8 +35,12 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
+        # Dequantize straight into the activation dtype (scales and offsets cast first: tiny), so the layer's only
+        # transient is one full-precision weight.
+        dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self["scales"].dtype
+        biases = self.get("biases")
+        w = mx.dequantize(self["weight"], self["scales"].astype(dt), None if biases is None else biases.astype(dt),
+                          group_size=self.group_size, bits=self.bits, mode=self.mode)
         y = x @ w.T
         return y + self["bias"] if "bias" in self else y
 
@@ -79,7 +83,9 @@ class QuantizedConv2d(nn.Module):
         return q
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+        dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self.scales.dtype
+        w = mx.dequantize(self.weight, self.scales.astype(dt), self.biases.astype(dt), group_size=self.group_size,
+                          bits=self.bits)
         w = w.reshape(self.kernel_shape)
         bias = self["bias"] if "bias" in self else None
         _, h, wd, _ = x.shape

@@ -60,7 +60,7 @@ class ComponentSpec:
 
 
 def load_component(folder: Path | str, spec: ComponentSpec, *, dtype: str | mx.Dtype = "float32",
-                   weights_file: Path | str | None = None) -> nn.Module:
+                   weights_file: Path | str | None = None, evaluate: bool = True) -> nn.Module:
     """Build a component from ``folder/config.json`` and strictly load its safetensors weights.
 
     Args:
@@ -68,9 +68,12 @@ def load_component(folder: Path | str, spec: ComponentSpec, *, dtype: str | mx.D
         spec: see :class:`ComponentSpec`.
         dtype: parameter dtype; the ``*.fp16.safetensors`` variant is preferred for float16/bfloat16.
         weights_file: an explicit weight file instead of the folder's default one.
+        evaluate: ``False`` leaves the parameters as unevaluated file-backed casts (not yet checked for NaN/Inf)
+            for the caller to transform and then evaluate with
+            :func:`sd_mlx.loading.weights.evaluate_parameters` (the quantized load path).
 
     Returns:
-        The module, parameters assigned (lazily memory-mapped arrays cast to ``dtype``), ``eval()`` mode.
+        The module, parameters assigned and evaluated (unless ``evaluate=False``), ``eval()`` mode.
 
     Raises:
         ModelNotFoundError: ``folder`` does not exist.
@@ -86,6 +89,7 @@ def load_component(folder: Path | str, spec: ComponentSpec, *, dtype: str | mx.D
     path = Path(weights_file) if weights_file else find_weight_file(folder, spec.weight_stem,
                                                                    prefer_fp16=mx_dtype != mx.float32)
     mapped = remap_weights(read_safetensors(path), spec.keymap, source=str(path), benign=spec.benign)
-    assign_weights(model, mapped, source=str(path), dtype=mx_dtype, keep_dtype=spec.keep_dtype, consume=True)
+    assign_weights(model, mapped, source=str(path), dtype=mx_dtype, keep_dtype=spec.keep_dtype, consume=True,
+                   evaluate=evaluate)
     model.eval()
     return model

@@ -114,7 +114,8 @@ def remap_weights(weights: Mapping[str, mx.array], keymap: KeyMap, *, source: st
 
 def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]], *, source: str,
                    dtype: mx.Dtype | None = None, check_finite: bool = True,
-                   keep_dtype: Callable[[str], bool] = lambda k: False, consume: bool = False) -> None:
+                   keep_dtype: Callable[[str], bool] = lambda k: False, consume: bool = False,
+                   evaluate: bool = True) -> None:
     """Strictly assign remapped weights to ``model`` in place.
 
     Every parameter of ``model`` must receive an array of exactly its shape, and every array must name a
@@ -123,6 +124,8 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
     NaN/Inf is an error naming the key. Arrays are cast and evaluated in groups of about 64 MB; with ``consume``
     (``mapped`` must then be a mutable dict the caller no longer needs), each source array is dropped from
     ``mapped`` once its cast copy exists, which keeps a float32 file loaded as float16 from holding both copies.
+    With ``evaluate=False`` the (lazy, file-backed) cast arrays are assigned unevaluated and nothing is checked
+    for NaN/Inf here: the caller transforms them (e.g. quantizes) and then calls :func:`evaluate_parameters`.
 
     Raises:
         WeightLoadError: a missing parameter, an unknown checkpoint key, a shape mismatch, or a non-finite value;
@@ -144,6 +147,14 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
         if tuple(arr.shape) != tuple(p.shape):
             raise WeightLoadError(f"{source}: shape mismatch for '{orig}': checkpoint has {tuple(arr.shape)}, "
                                   f"model expects {tuple(p.shape)} (from the config)")
+    if not evaluate:
+        new_lazy = []
+        for k, p in params.items():
+            orig, arr = mapped[k]
+            target = p.dtype if keep_dtype(k) else (dtype or arr.dtype)
+            new_lazy.append((k, arr.astype(target) if mx.issubdtype(arr.dtype, mx.floating) else arr))
+        model.update(tree_unflatten(new_lazy))
+        return
     # Cast and evaluate a group of about 64 MB at a time, dropping each source array once its copy exists, so
     # a float32 file loaded as float16 never holds both full copies at once.
     new: list[tuple[str, mx.array]] = []
@@ -173,6 +184,35 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
         new += group
         group, group_bytes = [], 0
     model.update(tree_unflatten(new))
+
+
+def evaluate_parameters(model: nn.Module, *, source: str, check_finite: bool = True,
+                        group_bytes: int = 64 * 2**20) -> None:
+    """Evaluate ``model``'s (lazy) parameters in groups of about ``group_bytes`` of results, so that the source
+    arrays behind each group (file-backed weights, the float copies a quantization reads) are freed group by
+    group instead of all being materialised first.
+
+    Raises:
+        WeightLoadError: with ``check_finite``, a floating-point parameter (for a quantized layer: its scales or
+            offsets, which a NaN/Inf weight poisons) contains NaN or Inf; the message names ``source`` and the key.
+    """
+    group: list[tuple[str, mx.array]] = []
+    size = 0
+    items = tree_flatten(model.parameters())
+    for n, (k, a) in enumerate(items):
+        group.append((k, a))
+        size += a.nbytes
+        if size < group_bytes and n + 1 < len(items):
+            continue
+        floats = [(gk, ga) for gk, ga in group if mx.issubdtype(ga.dtype, mx.floating)]
+        flags = mx.stack([mx.all(mx.isfinite(ga)) for _, ga in floats]) if check_finite and floats else None
+        mx.eval([ga for _, ga in group] + ([flags] if flags is not None else []))
+        if flags is not None:
+            bad = [gk for (gk, _), ok in zip(floats, flags.tolist()) if not ok]
+            if bad:
+                raise WeightLoadError(f"{source}: weight '{bad[0]}' contains NaN or Inf; the file is corrupt or "
+                                      f"was saved from a diverged model")
+        group, size = [], 0
 
 
 def find_weight_file(folder: Path, stem: str, *, prefer_fp16: bool) -> Path:

@@ -32,6 +32,7 @@ from ..errors import InvalidArgumentError, ModelNotFoundError
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json, require
 from ..loading.keymaps.taesd import taesd_decoder_keymap, taesd_encoder_keymap, taesd_keymap
+from .layers import Conv2d
 from ..loading.weights import assign_weights, read_safetensors, remap_weights
 
 ACTIVATIONS = ("relu", "silu", "swish", "gelu", "mish")
@@ -153,7 +154,8 @@ def _activation(name: str) -> nn.Module:
 
 
 def _conv3x3(cin: int, cout: int, *, stride: int = 1, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=bias)
+    # Conv2d's CPU taps path: at 512x512 MLX's unfolded 3x3 input is 604 MB per 64-channel convolution.
+    return Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=bias, taps=True)
 
 
 class NearestUpsample(nn.Module):
