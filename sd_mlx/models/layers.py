@@ -66,9 +66,10 @@ CONV_UNFOLD_BUDGET_BYTES = 128 * 2**20
 
 # On the CPU, a stride-1 3x3 convolution with at least this many output pixels per image runs as nine shifted
 # matrix products (conv3x3_taps) instead of MLX's unfold-then-GEMM. Measured on a 2-core x86 CPU with OpenBLAS,
-# batch 2: 64x64x320 -> 320 channels 93 -> 135 GFLOP/s, 64x64x640 -> 320 93 -> 149; at 16x16 and below the
-# unfolded GEMM is faster (the taps re-read the weights nine times), hence the threshold.
-CPU_TAPS_MIN_PIXELS = 2048
+# batch 2: 64x64x320 -> 320 channels 93 -> 135 GFLOP/s, 64x64x640 -> 320 93 -> 149, 32x32x640 -> 640 101 -> 107
+# (and no 9x unfolded buffer); at 16x16 and below the unfolded GEMM is faster (the taps re-read the weights nine
+# times), hence the threshold.
+CPU_TAPS_MIN_PIXELS = 1024
 
 
 def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -333,8 +334,10 @@ def _exp_shifted(scores: mx.array, row_max: mx.array) -> mx.array:
 
 
 # Score-chunk budget of the CPU attention path: small enough that the chunk's buffers are recycled by the allocator
-# instead of being mapped (and page-faulted) afresh, large enough to keep the matrix products efficient.
-_CPU_CHUNK_ELEMENTS = 4 * 2**20
+# instead of being mapped (and page-faulted) afresh, and that the ~10 operations MLX's CPU scheduler keeps in flight
+# hold little memory; large enough to keep the matrix products efficient. Measured on SD1.5's 4096-token call
+# (batch 2): 4 Mi elements 1.13 s / 312 MB working memory, 2 Mi 1.23 s / 177 MB, 1 Mi 1.34 s / 112 MB.
+_CPU_CHUNK_ELEMENTS = 2 * 2**20
 
 
 def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
