@@ -4,12 +4,15 @@
 ``g++ -std=c++17 -O3 -fPIC -shared`` (found through ``PATH``). Without a ``-march`` flag that code targets baseline
 x86-64: no FMA, no AVX, so ``exp`` and friends run as slow scalar code (measured here: 30 ns per float32 ``exp``;
 with ``-march=native``, 6.7 ns). :func:`enable_native_cpu_jit` puts a two-line ``g++`` wrapper that adds
-``-march=native -fno-math-errno`` in front of ``PATH`` for this process, so the kernels MLX builds from then on use
-the host's instruction set. Results are unchanged apart from float rounding (no fast-math: IEEE semantics kept).
+``-march=native -fno-math-errno -fno-trapping-math -finline-limit=10000`` in front of ``PATH`` for this process, so
+the kernels MLX builds from then on use the host's instruction set. The last two flags let GCC inline MLX's
+polynomial ``exp`` and vectorise the kernel loop (AVX2 here: a fused ``exp(s - max)`` at 1.2 ns per value instead of
+3.8). Results are unchanged apart from float rounding (no fast-math: IEEE semantics, NaN and Inf handling kept).
 
 It is a no-op on macOS (MLX uses Metal there), without ``g++``, when ``SD_MLX_NATIVE_JIT=0``, and when the wrapper
-cannot be written. MLX caches built kernels under ``$TMPDIR/mlx/<version>/cpu`` by name; a kernel built earlier
-without the wrapper is reused as is (slower, same results).
+cannot be written. MLX caches built kernels under ``$TMPDIR/mlx/<version>/cpu`` by name and would reuse one built
+with other flags (slower, same results), so when the flags differ from those recorded in the wrapper's folder, that
+cache's generated ``*.cpp``/``lib*.so`` files are removed once and MLX rebuilds them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 _FLAGS = "-march=native -fno-math-errno -fno-trapping-math -finline-limit=10000"
+_STAMP = "flags"
 
 
 def _wrapper_dir() -> Path:
@@ -57,7 +61,26 @@ def enable_native_cpu_jit() -> str | None:
             os.replace(tmp, target)
     except OSError:
         return None
+    _drop_stale_kernels(folder)
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if str(folder) not in parts:
         os.environ["PATH"] = os.pathsep.join([str(folder)] + parts)
     return str(folder)
+
+
+def _drop_stale_kernels(folder: Path) -> None:
+    """Remove MLX's cached CPU kernels once when they may have been built with other flags (never raises)."""
+    stamp = folder / _STAMP
+    try:
+        if stamp.is_file() and stamp.read_text() == _FLAGS:
+            return
+        from importlib.metadata import version
+
+        cache = Path(tempfile.gettempdir()) / "mlx" / version("mlx") / "cpu"
+        if cache.is_dir():
+            for f in cache.iterdir():
+                if f.suffix == ".cpp" or (f.name.startswith("lib") and f.suffix == ".so"):
+                    f.unlink(missing_ok=True)
+        stamp.write_text(_FLAGS)
+    except Exception:  # a cache we cannot clean only costs speed
+        return

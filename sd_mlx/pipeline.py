@@ -437,9 +437,10 @@ class StableDiffusionPipeline:
         if quantized:
             from .quantization import quantize_model
 
+            flags: dict[str, mx.array] = {}
             quantize_model(model, bits=self.quantize, group_size=self.quantize_group_size,
-                           convolutions=self.quantize_convolutions)
-            evaluate_parameters(model, source=str(folder))
+                           convolutions=self.quantize_convolutions, finite_flags=flags)
+            evaluate_parameters(model, source=str(folder), finite_flags=flags)
         if self.compute_dtype != self.dtype:
             model.compute_dtype = self.compute_dtype
         mx.eval(model.parameters())

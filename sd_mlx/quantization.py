@@ -97,7 +97,8 @@ class QuantizedConv2d(nn.Module):
         return y + bias if bias is not None else y
 
 
-def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolutions: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolutions: bool = True,
+                   finite_flags: dict[str, mx.array] | None = None) -> nn.Module:
     """Quantize ``model``'s eligible linear (and, with ``convolutions``, convolution) layers in place; return it.
 
     Args:
@@ -106,6 +107,10 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolu
         group_size: 32, 64 or 128; layers whose input size (``kh * kw * C_in`` for convolutions) is not a multiple
             of it are left in full precision.
         convolutions: also quantize convolutions (see the module docstring).
+        finite_flags: if given, receives for each quantized layer's path (``"down_blocks.0...to_q"``) a lazy
+            boolean scalar, "the float weight had no NaN/Inf" (``mx.quantize`` does not propagate NaN into the
+            scales, so a lazily loaded model must be checked on its sources; see
+            :func:`sd_mlx.loading.weights.evaluate_parameters`).
 
     Raises:
         InvalidArgumentError: unsupported ``bits`` or ``group_size``.
@@ -115,13 +120,17 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolu
     if group_size not in (32, 64, 128):
         raise InvalidArgumentError(f"quantization group size must be 32, 64 or 128, got {group_size!r}")
 
-    def swap(_path: str, module: nn.Module) -> nn.Module:
+    def swap(path: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0:
-            return QuantizedLinear.from_linear(module, group_size, bits)
-        if (convolutions and isinstance(module, nn.Conv2d) and getattr(module, "groups", 1) == 1
+            q: nn.Module = QuantizedLinear.from_linear(module, group_size, bits)
+        elif (convolutions and isinstance(module, nn.Conv2d) and getattr(module, "groups", 1) == 1
                 and module.weight[0].size % group_size == 0):
-            return QuantizedConv2d.from_conv(module, group_size, bits)
-        return module
+            q = QuantizedConv2d.from_conv(module, group_size, bits)
+        else:
+            return module
+        if finite_flags is not None:
+            finite_flags[path] = mx.all(mx.isfinite(module.weight))
+        return q
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     return model

@@ -26,8 +26,30 @@ def test_wrapper_is_installed_first_in_path():
     assert folder is not None and os.environ["PATH"].split(os.pathsep)[0] == folder
     script = open(os.path.join(folder, "g++")).read()
     assert "-march=native" in script and "-ffast-math" not in script
+    assert "-fno-trapping-math" in script and "-finline-limit" in script  # what lets GCC vectorise exp
     assert enable_native_cpu_jit() == folder  # idempotent
     assert os.environ["PATH"].split(os.pathsep).count(folder) == 1
+
+
+@linux_gxx
+def test_stale_kernels_are_dropped_once(tmp_path):
+    """Kernels MLX cached under other flags are removed on the first import with new flags, then left alone."""
+    from importlib.metadata import version
+
+    cache = tmp_path / "tmp" / "mlx" / version("mlx") / "cpu"
+    cache.mkdir(parents=True)
+    for name in ("libK_contiguous.so", "K_contiguous.cpp", "notes.txt"):
+        (cache / name).write_text("x")
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if "sd_mlx" not in p))
+    run = [sys.executable, "-c", "import sd_mlx; print(sd_mlx.NATIVE_CPU_JIT)"]
+    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(f.name for f in cache.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "xdg" / "sd_mlx" / "cpu-jit" / "flags").read_text().startswith("-march=native")
+    (cache / "libK2_contiguous.so").write_text("x")  # built under the current flags: kept
+    assert subprocess.run(run, env=env, capture_output=True, text=True, timeout=120).returncode == 0
+    assert sorted(f.name for f in cache.iterdir()) == ["libK2_contiguous.so", "notes.txt"]
 
 
 @linux_gxx

@@ -119,3 +119,24 @@ def test_half_and_quantized_weights_compute_in_float32_on_cpu(tiny_sd1: Path) ->
     q = load_pipeline(tiny_sd1, quantize=8, quantize_group_size=32)
     assert q.compute_dtype == mx.float32
     assert np.abs(_image(q).astype(np.float64) - ref).max() < 0.25
+
+
+def test_quantized_load_still_rejects_non_finite_weights(tiny_sd1: Path, tmp_path: Path) -> None:
+    """The lazy quantize-while-loading path keeps the strict NaN/Inf check (a NaN poisons the group's scales)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from sd_mlx.errors import WeightLoadError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd1, folder)
+    f = next((folder / "unet").glob("*.safetensors"))
+    weights = load_file(str(f))
+    key = next(k for k in weights if k.endswith("to_q.weight"))
+    weights[key] = weights[key].copy()
+    weights[key].flat[3] = np.nan
+    save_file(weights, str(f))
+    pipe = load_pipeline(folder, quantize=8, quantize_group_size=32)
+    with pytest.raises(WeightLoadError, match=r"contains NaN or Inf"):
+        pipe.unet

@@ -187,15 +187,18 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
 
 
 def evaluate_parameters(model: nn.Module, *, source: str, check_finite: bool = True,
-                        group_bytes: int = 64 * 2**20) -> None:
+                        group_bytes: int = 64 * 2**20, finite_flags: Mapping[str, mx.array] | None = None) -> None:
     """Evaluate ``model``'s (lazy) parameters in groups of about ``group_bytes`` of results, so that the source
     arrays behind each group (file-backed weights, the float copies a quantization reads) are freed group by
-    group instead of all being materialised first.
+    group instead of all being materialised first. ``finite_flags`` maps module paths to lazy boolean scalars
+    (from :func:`sd_mlx.quantization.quantize_model`: the layer's float weight had no NaN/Inf), each evaluated
+    with the group holding that module's parameters.
 
     Raises:
-        WeightLoadError: with ``check_finite``, a floating-point parameter (for a quantized layer: its scales or
-            offsets, which a NaN/Inf weight poisons) contains NaN or Inf; the message names ``source`` and the key.
+        WeightLoadError: with ``check_finite``, a floating-point parameter, or the source weight of a module in
+            ``finite_flags``, contains NaN or Inf; the message names ``source`` and the key.
     """
+    pending = dict(finite_flags or {})
     group: list[tuple[str, mx.array]] = []
     size = 0
     items = tree_flatten(model.parameters())
@@ -205,10 +208,16 @@ def evaluate_parameters(model: nn.Module, *, source: str, check_finite: bool = T
         if size < group_bytes and n + 1 < len(items):
             continue
         floats = [(gk, ga) for gk, ga in group if mx.issubdtype(ga.dtype, mx.floating)]
-        flags = mx.stack([mx.all(mx.isfinite(ga)) for _, ga in floats]) if check_finite and floats else None
+        checks = [(gk, mx.all(mx.isfinite(ga))) for gk, ga in floats] if check_finite else []
+        if check_finite:
+            for gk, _ in group:
+                mod = gk.rsplit(".", 1)[0]
+                if mod in pending:
+                    checks.append((mod + ".weight", pending.pop(mod)))
+        flags = mx.stack([c for _, c in checks]) if checks else None
         mx.eval([ga for _, ga in group] + ([flags] if flags is not None else []))
         if flags is not None:
-            bad = [gk for (gk, _), ok in zip(floats, flags.tolist()) if not ok]
+            bad = [gk for (gk, _), ok in zip(checks, flags.tolist()) if not ok]
             if bad:
                 raise WeightLoadError(f"{source}: weight '{bad[0]}' contains NaN or Inf; the file is corrupt or "
                                       f"was saved from a diverged model")
