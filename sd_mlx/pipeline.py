@@ -440,7 +440,9 @@ class StableDiffusionPipeline:
             flags: dict[str, mx.array] = {}
             quantize_model(model, bits=self.quantize, group_size=self.quantize_group_size,
                            convolutions=self.quantize_convolutions, finite_flags=flags)
-            evaluate_parameters(model, source=str(folder), finite_flags=flags)
+            # Small groups: within one evaluation each layer's float source is kept until the group's NaN/Inf flags
+            # are computed (measured 4-bit SD1.5 load peak: 64 MB groups 1.52 GB, 8 MB groups 0.65 GB).
+            evaluate_parameters(model, source=str(folder), finite_flags=flags, group_bytes=8 * 2**20)
         if self.compute_dtype != self.dtype:
             model.compute_dtype = self.compute_dtype
         mx.eval(model.parameters())
