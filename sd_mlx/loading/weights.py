@@ -112,6 +112,18 @@ def remap_weights(weights: Mapping[str, mx.array], keymap: KeyMap, *, source: st
     return out
 
 
+def _eval_checked(arrays: list[mx.array], checks: list[tuple[str, mx.array]], source: str) -> None:
+    """Evaluate ``arrays`` together with the boolean scalars of ``checks`` (``(key, all finite)`` pairs); raise
+    WeightLoadError naming ``source`` and the first key whose check failed."""
+    flags = mx.stack([c for _, c in checks]) if checks else None
+    mx.eval(arrays + ([flags] if flags is not None else []))
+    if flags is not None:
+        bad = [key for (key, _), ok in zip(checks, flags.tolist()) if not ok]
+        if bad:
+            raise WeightLoadError(f"{source}: weight '{bad[0]}' contains NaN or Inf; the file is corrupt or was "
+                                  f"saved from a diverged model")
+
+
 def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]], *, source: str,
                    dtype: mx.Dtype | None = None, check_finite: bool = True,
                    keep_dtype: Callable[[str], bool] = lambda k: False, consume: bool = False,
@@ -171,13 +183,8 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
         del arr
         if group_bytes < 64 * 2**20 and n + 1 < len(names):
             continue
-        flags = mx.stack([mx.all(mx.isfinite(a)) for _, a in group]) if check_finite else None
-        mx.eval([a for _, a in group] + ([flags] if flags is not None else []))
-        if flags is not None:
-            bad = [gk for (gk, _), ok in zip(group, flags.tolist()) if not ok]
-            if bad:
-                raise WeightLoadError(f"{source}: weight '{mapped[bad[0]][0]}' contains NaN or Inf; the file is "
-                                      f"corrupt or was saved from a diverged model")
+        checks = [(mapped[gk][0], mx.all(mx.isfinite(a))) for gk, a in group] if check_finite else []
+        _eval_checked([a for _, a in group], checks, source)
         for gk, _ in group:
             if consume:
                 mapped[gk] = (mapped[gk][0], None)  # type: ignore[index]
@@ -214,13 +221,7 @@ def evaluate_parameters(model: nn.Module, *, source: str, check_finite: bool = T
                 mod = gk.rsplit(".", 1)[0]
                 if mod in pending:
                     checks.append((mod + ".weight", pending.pop(mod)))
-        flags = mx.stack([c for _, c in checks]) if checks else None
-        mx.eval([ga for _, ga in group] + ([flags] if flags is not None else []))
-        if flags is not None:
-            bad = [gk for (gk, _), ok in zip(checks, flags.tolist()) if not ok]
-            if bad:
-                raise WeightLoadError(f"{source}: weight '{bad[0]}' contains NaN or Inf; the file is corrupt or "
-                                      f"was saved from a diverged model")
+        _eval_checked([ga for _, ga in group], checks, source)
         group, size = [], 0
 
 
