@@ -140,3 +140,13 @@ def test_quantized_load_still_rejects_non_finite_weights(tiny_sd1: Path, tmp_pat
     pipe = load_pipeline(folder, quantize=8, quantize_group_size=32)
     with pytest.raises(WeightLoadError, match=r"contains NaN or Inf"):
         pipe.unet
+
+
+def test_strip_convolution_uses_taps_per_strip_and_matches_conv2d(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VAE's row strips (forced by a tiny unfold budget) equal one mx.conv2d within 1e-5."""
+    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", 200_000)
+    rng = np.random.default_rng(3)
+    conv = layers.Conv2d(16, 8, kernel_size=3, padding=1, strips=True)
+    x = mx.array(rng.standard_normal((2, 37, 29, 16)).astype(np.float32))
+    ref = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    np.testing.assert_allclose(np.array(conv(x)), np.array(ref), atol=1e-5, rtol=0)

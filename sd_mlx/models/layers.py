@@ -72,7 +72,7 @@ CONV_UNFOLD_BUDGET_BYTES = 128 * 2**20
 CPU_TAPS_MIN_PIXELS = 1024
 
 
-def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None, *, pad_rows: bool = True) -> mx.array:
     """Stride-1, padding-1 3x3 convolution as nine shifted matrix products, without an unfolded input.
 
     The input is zero-padded to ``(H + 3, W + 2)`` and flattened per image; the tap ``(dy, dx)`` then reads the
@@ -86,14 +86,19 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) ->
         x: ``(B, H, W, C)``.
         weight: ``(O, 3, 3, C)`` (MLX's convolution layout).
         bias: ``(O,)`` or ``None``.
+        pad_rows: ``False`` when ``x`` already carries its one-row halo above and below (a row strip of a larger
+            input): no zero rows are added and the output has ``H - 2`` rows.
 
     Returns:
-        ``(B, H, W, O)`` in the promoted dtype of ``x`` and ``weight``.
+        ``(B, H, W, O)`` (``(B, H - 2, W, O)`` without ``pad_rows``) in the promoted dtype of ``x`` and ``weight``.
     """
     b, h, w, c = x.shape
     o = weight.shape[0]
     wp = w + 2
-    xf = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
+    top = 1 if pad_rows else 0
+    h = h if pad_rows else h - 2
+    # one spare zero row at the bottom: the last tap's run ends two values past the last halo row
+    xf = mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
     n = h * wp
     out = None
     for dy in range(3):
@@ -142,13 +147,17 @@ class Conv2d(nn.Conv2d):
         if not self.use_strips or b * h * w * 9 * c * x.itemsize <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
             return super().__call__(x)
         rows = max(1, CONV_UNFOLD_BUDGET_BYTES // (b * w * 9 * c * x.itemsize))
+        on_cpu = mx.default_device() == mx.cpu
         xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
         strips = []
         for start in range(0, h, rows):
             stop = min(h, start + rows)
-            y = mx.conv2d(xp[:, start:stop + 2], self.weight, padding=(0, 1))
-            if bias is not None:
-                y = y + bias
+            if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
+                y = conv3x3_taps(xp[:, start:stop + 2], self.weight, bias, pad_rows=False)
+            else:
+                y = mx.conv2d(xp[:, start:stop + 2], self.weight, padding=(0, 1))
+                if bias is not None:
+                    y = y + bias
             mx.eval(y)
             strips.append(y)
         return mx.concatenate(strips, axis=1)
