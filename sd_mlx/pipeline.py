@@ -413,15 +413,12 @@ class StableDiffusionPipeline:
         from .loading.weights import evaluate_parameters
 
         quantized = bool(self.quantize) and name in ("text_encoder", "unet")
-        if name == "text_encoder":
+        if name in ("text_encoder", "unet"):
             from .models.clip import CLIP_TEXT_SPEC
-
-            folder, spec = self.folder / "text_encoder", CLIP_TEXT_SPEC
-            model = load_component(folder, spec, dtype=self.dtype, evaluate=not quantized)
-        elif name == "unet":
             from .models.unet import UNET_SPEC
 
-            folder, spec = self.folder / "unet", UNET_SPEC
+            folder = self.folder / name
+            spec = CLIP_TEXT_SPEC if name == "text_encoder" else UNET_SPEC
             model = load_component(folder, spec, dtype=self.dtype, evaluate=not quantized)
         elif name == "vae":
             if self._vae_path is not None:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from .errors import InvalidArgumentError
-from .models.layers import CPU_TAPS_MIN_PIXELS, conv3x3_taps
+from .models.layers import apply_conv2d
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -50,19 +50,20 @@ class QuantizedConv2d(nn.Module):
 
     Parameters: ``weight`` (packed, ``(O, kh * kw * C_in * bits / 32)`` uint32), ``scales`` and ``biases``
     (``(O, kh * kw * C_in / group_size)``) in the source weight's dtype, optional ``bias`` ``(O,)``. The kernel is
-    dequantized to ``(O, kh, kw, C_in)`` at each call (freed after the layer) and applied as ``nn.Conv2d`` would;
-    a stride-1 3x3 convolution with padding 1 on a large input uses :func:`sd_mlx.models.layers.conv3x3_taps` on
-    the CPU, as ``sd_mlx.models.layers.Conv2d`` does.
+    dequantized to ``(O, kh, kw, C_in)`` at each call (freed after the layer) and applied by
+    :func:`sd_mlx.models.layers.apply_conv2d` with the source layer's ``taps``/``strips`` choice, as
+    ``sd_mlx.models.layers.Conv2d`` does.
 
     Call: ``(B, H, W, C_in) -> (B, H', W', O)``.
     """
 
     def __init__(self, kernel_shape: tuple[int, int, int, int], *, stride: tuple[int, int], padding: tuple[int, int],
-                 dilation: tuple[int, int] | int, group_size: int, bits: int, taps: bool) -> None:
+                 dilation: tuple[int, int] | int, group_size: int, bits: int, taps: bool = False,
+                 strips: bool = False) -> None:
         super().__init__()
         self.kernel_shape = tuple(kernel_shape)
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.group_size, self.bits, self.taps = group_size, bits, taps
+        self.group_size, self.bits, self.use_taps, self.use_strips = group_size, bits, taps, strips
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, group_size: int, bits: int) -> "QuantizedConv2d":
@@ -76,7 +77,8 @@ class QuantizedConv2d(nn.Module):
             raise InvalidArgumentError(f"cannot quantize a {kh}x{kw} convolution of {cin} channels with group size "
                                        f"{group_size}")
         q = cls((o, kh, kw, cin), stride=tuple(conv.stride), padding=tuple(conv.padding), dilation=conv.dilation,
-                group_size=group_size, bits=bits, taps=bool(getattr(conv, "use_taps", False)))
+                group_size=group_size, bits=bits, taps=bool(getattr(conv, "use_taps", False)),
+                strips=bool(getattr(conv, "use_strips", False)))
         q.weight, q.scales, q.biases = mx.quantize(conv.weight.reshape(o, -1), group_size, bits)
         if "bias" in conv:
             q.bias = conv.bias
@@ -86,15 +88,9 @@ class QuantizedConv2d(nn.Module):
         dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self.scales.dtype
         w = mx.dequantize(self.weight, self.scales.astype(dt), self.biases.astype(dt), group_size=self.group_size,
                           bits=self.bits)
-        w = w.reshape(self.kernel_shape)
-        bias = self["bias"] if "bias" in self else None
-        _, h, wd, _ = x.shape
-        if (self.taps and self.kernel_shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
-                and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1))
-                and h * wd >= CPU_TAPS_MIN_PIXELS and mx.default_device() == mx.cpu):
-            return conv3x3_taps(x, w, bias)
-        y = mx.conv2d(x, w, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return y + bias if bias is not None else y
+        return apply_conv2d(x, w.reshape(self.kernel_shape), self["bias"] if "bias" in self else None,
+                            stride=self.stride, padding=self.padding, dilation=self.dilation, taps=self.use_taps,
+                            strips=self.use_strips)
 
 
 def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolutions: bool = True,

@@ -159,13 +159,14 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
         if tuple(arr.shape) != tuple(p.shape):
             raise WeightLoadError(f"{source}: shape mismatch for '{orig}': checkpoint has {tuple(arr.shape)}, "
                                   f"model expects {tuple(p.shape)} (from the config)")
+
+    def cast(k: str) -> mx.array:
+        arr = mapped[k][1]
+        target = params[k].dtype if keep_dtype(k) else (dtype or arr.dtype)
+        return arr.astype(target) if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != target else arr
+
     if not evaluate:
-        new_lazy = []
-        for k, p in params.items():
-            orig, arr = mapped[k]
-            target = p.dtype if keep_dtype(k) else (dtype or arr.dtype)
-            new_lazy.append((k, arr.astype(target) if mx.issubdtype(arr.dtype, mx.floating) else arr))
-        model.update(tree_unflatten(new_lazy))
+        model.update(tree_unflatten([(k, cast(k)) for k in params]))
         return
     # Cast and evaluate a group of about 64 MB at a time, dropping each source array once its copy exists, so
     # a float32 file loaded as float16 never holds both full copies at once.
@@ -174,10 +175,7 @@ def assign_weights(model: nn.Module, mapped: Mapping[str, tuple[str, mx.array]],
     group_bytes = 0
     names = list(params)
     for n, k in enumerate(names):
-        orig, arr = mapped[k]
-        target = params[k].dtype if keep_dtype(k) else (dtype or arr.dtype)
-        if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != target:
-            arr = arr.astype(target)
+        arr = cast(k)
         group.append((k, arr))
         group_bytes += arr.nbytes
         del arr

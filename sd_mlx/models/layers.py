@@ -111,6 +111,44 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None, *,
     return out + bias if bias is not None else out
 
 
+def apply_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, *, stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: int | tuple[int, int] = 1, groups: int = 1, taps: bool = False,
+                 strips: bool = False) -> mx.array:
+    """``mx.conv2d(x, weight, ...) + bias`` with the two CPU/memory-aware paths of :class:`Conv2d` for stride-1,
+    padding-1 3x3 convolutions (``taps``, ``strips``; see there). Shared by :class:`Conv2d` and
+    ``sd_mlx.quantization.QuantizedConv2d``.
+
+    Args:
+        x: ``(B, H, W, C_in)``; weight: ``(O, kh, kw, C_in / groups)``; bias: ``(O,)`` or ``None``.
+
+    Returns:
+        ``(B, H', W', O)``.
+    """
+    b, h, w, c = x.shape
+    plain_3x3 = (tuple(stride) == (1, 1) and dilation in (1, (1, 1)) and tuple(weight.shape[1:3]) == (3, 3)
+                 and tuple(padding) == (1, 1) and groups == 1)
+    on_cpu = mx.default_device() == mx.cpu
+    if plain_3x3 and taps and on_cpu and h * w >= CPU_TAPS_MIN_PIXELS:
+        return conv3x3_taps(x, weight, bias)
+    if not (plain_3x3 and strips) or b * h * w * 9 * c * x.itemsize <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
+        y = mx.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return y + bias if bias is not None else y
+    rows = max(1, CONV_UNFOLD_BUDGET_BYTES // (b * w * 9 * c * x.itemsize))
+    xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
+    parts = []
+    for start in range(0, h, rows):
+        stop = min(h, start + rows)
+        if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
+            y = conv3x3_taps(xp[:, start:stop + 2], weight, bias, pad_rows=False)
+        else:
+            y = mx.conv2d(xp[:, start:stop + 2], weight, padding=(0, 1))
+            if bias is not None:
+                y = y + bias
+        mx.eval(y)
+        parts.append(y)
+    return mx.concatenate(parts, axis=1)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and results up to float rounding) with two CPU/memory-aware paths for
     stride-1, padding-1 3x3 convolutions.
@@ -120,8 +158,9 @@ class Conv2d(nn.Conv2d):
       ``nn.Conv2d``. The step graph stays one lazily evaluated graph.
     - ``strips=True`` (the VAE): when the unfolded input (``B * H * W * 9 * C`` values) would exceed
       :data:`CONV_UNFOLD_BUDGET_BYTES`, the output is computed over horizontal strips of rows (each strip reads
-      its rows plus the halo), each evaluated before the next, so only one strip's unfolded buffer exists at a
-      time. This makes the full-size VAE decode at 512x512 fit in a few GB instead of about ten.
+      its rows plus the halo; on the CPU each strip by :func:`conv3x3_taps`), each evaluated before the next, so
+      only one strip's working buffers exist at a time. This makes the full-size VAE decode at 512x512 fit in a
+      few GB instead of about ten.
 
     Args: as ``nn.Conv2d``, plus the keyword flags ``taps`` and ``strips`` (both off: plain ``nn.Conv2d``).
 
@@ -133,34 +172,10 @@ class Conv2d(nn.Conv2d):
         self.use_taps = taps
         self.use_strips = strips
 
-    def _plain_3x3(self) -> bool:
-        return (tuple(self.stride) == (1, 1) and self.dilation in (1, (1, 1)) and self.weight.shape[1:3] == (3, 3)
-                and tuple(self.padding) == (1, 1) and getattr(self, "groups", 1) == 1)
-
     def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        if not (self.use_taps or self.use_strips) or not self._plain_3x3():
-            return super().__call__(x)
-        bias = self.bias if "bias" in self else None
-        if self.use_taps and h * w >= CPU_TAPS_MIN_PIXELS and mx.default_device() == mx.cpu:
-            return conv3x3_taps(x, self.weight, bias)
-        if not self.use_strips or b * h * w * 9 * c * x.itemsize <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
-            return super().__call__(x)
-        rows = max(1, CONV_UNFOLD_BUDGET_BYTES // (b * w * 9 * c * x.itemsize))
-        on_cpu = mx.default_device() == mx.cpu
-        xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
-        strips = []
-        for start in range(0, h, rows):
-            stop = min(h, start + rows)
-            if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
-                y = conv3x3_taps(xp[:, start:stop + 2], self.weight, bias, pad_rows=False)
-            else:
-                y = mx.conv2d(xp[:, start:stop + 2], self.weight, padding=(0, 1))
-                if bias is not None:
-                    y = y + bias
-            mx.eval(y)
-            strips.append(y)
-        return mx.concatenate(strips, axis=1)
+        return apply_conv2d(x, self.weight, self.bias if "bias" in self else None, stride=self.stride,
+                            padding=self.padding, dilation=self.dilation, groups=getattr(self, "groups", 1),
+                            taps=self.use_taps, strips=self.use_strips)
 
 
 def timestep_embedding(timesteps: mx.array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,

@@ -32,8 +32,8 @@ from ..errors import InvalidArgumentError, ModelNotFoundError
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json, require
 from ..loading.keymaps.taesd import taesd_decoder_keymap, taesd_encoder_keymap, taesd_keymap
-from .layers import Conv2d
 from ..loading.weights import assign_weights, read_safetensors, remap_weights
+from .layers import Conv2d
 
 ACTIVATIONS = ("relu", "silu", "swish", "gelu", "mish")
 UPSAMPLE_MODES = ("nearest",)
