@@ -84,13 +84,13 @@ class QuantizedConv2d(nn.Module):
             q.bias = conv.bias
         return q
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, *, upsample2x: bool = False) -> mx.array:
         dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self.scales.dtype
         w = mx.dequantize(self.weight, self.scales.astype(dt), self.biases.astype(dt), group_size=self.group_size,
                           bits=self.bits)
         return apply_conv2d(x, w.reshape(self.kernel_shape), self["bias"] if "bias" in self else None,
                             stride=self.stride, padding=self.padding, dilation=self.dilation, taps=self.use_taps,
-                            strips=self.use_strips)
+                            strips=self.use_strips, upsample2x=upsample2x)
 
 
 def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, convolutions: bool = True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,15 +44,40 @@ class GroupNorm(nn.GroupNorm):
     Call: ``(B, ..., C) -> (B, ..., C)``, same dtype.
     """
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def statistics(self, x: mx.array, rows: int | None = None) -> tuple[mx.array, mx.array]:
+        """Per-image, per-group ``(mean, rstd)`` of ``x`` ``(B, H, W, C)`` (or ``(B, L, C)``), each ``(B, 1, G, 1)``
+        float32, ``rstd = 1 / sqrt(var + eps)`` with the biased variance, two passes as PyTorch.
+
+        With ``rows`` (a ``(B, H, W, C)`` input), both passes run over strips of ``rows`` rows, each evaluated
+        before the next, so no input-sized temporary exists (the partial sums are added in float32).
+        """
         b, c, g = x.shape[0], x.shape[-1], self.num_groups
-        xg = x.reshape(b, -1, g, c // g)
-        mean = mx.mean(xg.astype(mx.float32), axis=(1, 3), keepdims=True)
-        var = mx.mean(_squared_deviation(xg, mean), axis=(1, 3), keepdims=True)
-        rstd = mx.rsqrt(var + self.eps)
+        bounds = [(0, x.shape[1])] if rows is None else [(s, s + rows) for s in range(0, x.shape[1], rows)]
+        n = x.size // (b * g)
+
+        def total(part_fn: Callable[[mx.array], mx.array]) -> mx.array:
+            acc = None
+            for lo, hi in bounds:
+                part = mx.sum(part_fn(x[:, lo:hi].reshape(b, -1, g, c // g)), axis=(1, 3), keepdims=True)
+                acc = part if acc is None else acc + part
+                if rows is not None:
+                    mx.eval(acc)
+            return acc
+
+        mean = total(lambda xg: xg.astype(mx.float32)) / n
+        var = total(lambda xg: _squared_deviation(xg, mean)) / n
+        return mean, mx.rsqrt(var + self.eps)
+
+    def normalize(self, x: mx.array, mean: mx.array, rstd: mx.array) -> mx.array:
+        """``x`` (any rows of the input the statistics came from) normalised with ``(mean, rstd)`` from
+        :meth:`statistics`, then the affine map; same shape and dtype as ``x``."""
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
         w = self.weight.astype(mx.float32).reshape(g, c // g)
         bias = self.bias.astype(mx.float32).reshape(g, c // g)
-        return _normalize_affine(xg, mean, rstd, w, bias).reshape(x.shape)
+        return _normalize_affine(x.reshape(b, -1, g, c // g), mean, rstd, w, bias).reshape(x.shape)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.normalize(x, *self.statistics(x))
 
 
 def group_norm(num_groups: int, channels: int, eps: float) -> GroupNorm:
@@ -111,42 +137,187 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None, *,
     return out + bias if bias is not None else out
 
 
+def _upsample2x_kernels(weight: mx.array) -> dict[tuple[int, int], mx.array]:
+    """The four ``(O, 2, 2, C)`` kernels that apply a 3x3 ``weight`` ``(O, 3, 3, C)`` to a nearest-x2-upsampled
+    input at the input's resolution, keyed by output parity ``(row % 2, column % 2)``.
+
+    With nearest x2 upsampling, output row ``2i`` reads upsampled rows ``2i - 1, 2i, 2i + 1`` = input rows
+    ``i - 1, i, i`` (kernel rows ``0 | 1 + 2``), and row ``2i + 1`` reads input rows ``i, i + 1, i + 1`` (kernel
+    rows ``0 + 1 | 2``); the same holds along columns.
+    """
+    def halves(k: mx.array, axis: int) -> tuple[mx.array, mx.array]:
+        k0, k1, k2 = (mx.take(k, i, axis=axis) for i in range(3))
+        return mx.stack([k0, k1 + k2], axis=axis), mx.stack([k0 + k1, k2], axis=axis)
+
+    return {(a, b): kernel for a, rows in enumerate(halves(weight, 1))
+            for b, kernel in enumerate(halves(rows, 2))}
+
+
+def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, *, taps: bool = False,
+                       pad_rows: bool = True) -> mx.array:
+    """A padding-1 3x3 convolution of the nearest-x2-upsampled ``x``, computed at the input resolution.
+
+    ``conv3x3(upsample_nearest(x))`` (diffusers ``Upsample2D``: ``interpolate(scale_factor=2.0, mode="nearest")``
+    then the convolution) equals, for each of the four output parities, a 2x2 convolution of ``x`` with summed
+    kernel taps (:func:`_upsample2x_kernels`): 16 instead of 36 products per input pixel and no upsampled
+    ``(B, 2H, 2W, C)`` input. The four parity outputs are interleaved into the result (one copy). Same values as
+    the upsample-then-convolve path up to float rounding (kernel taps are summed before the products, in the
+    promoted dtype of ``x`` and ``weight``).
+
+    Args:
+        x: ``(B, H, W, C)``.
+        weight: ``(O, 3, 3, C)``.
+        bias: ``(O,)`` or ``None``.
+        taps: compute each 2x2 kernel as four shifted matrix products over the flattened padded input (the CPU path
+            of :func:`conv3x3_taps`) instead of ``mx.conv2d``.
+        pad_rows: ``False`` when ``x`` already carries its one-row halo above and below (a row strip of a larger
+            input): the output then has ``2 * (H - 2)`` rows.
+
+    Returns:
+        ``(B, 2H, 2W, O)`` (``(B, 2(H - 2), 2W, O)`` without ``pad_rows``) in the promoted dtype.
+    """
+    b, h, w, c = x.shape
+    o = weight.shape[0]
+    kernels = _upsample2x_kernels(weight.astype(mx.result_type(weight, x)))
+    top = 1 if pad_rows else 0
+    h = h if pad_rows else h - 2
+    if taps:
+        wp = w + 2
+        xf = mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
+        n = h * wp
+
+        def parity(a: int, p: int) -> mx.array:
+            out = None
+            for ty in range(2):
+                for tx in range(2):
+                    start = (a + ty) * wp + p + tx
+                    part, tap = xf[:, start:start + n], kernels[a, p][:, ty, tx, :].T
+                    out = part @ tap if out is None else mx.addmm(out, part, tap)
+            return out.reshape(b, h, wp, o)[:, :, :w]
+    else:
+        xp = mx.pad(x, [(0, 0), (top, top), (1, 1), (0, 0)])
+
+        def parity(a: int, p: int) -> mx.array:
+            return mx.conv2d(xp[:, a:a + h + 1, p:p + w + 1], kernels[a, p])
+
+    y = mx.stack([mx.stack([parity(a, 0), parity(a, 1)], axis=3) for a in range(2)], axis=2)
+    y = y.reshape(b, 2 * h, 2 * w, o)
+    return y + bias if bias is not None else y
+
+
 def apply_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, *, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: int | tuple[int, int] = 1, groups: int = 1, taps: bool = False,
-                 strips: bool = False) -> mx.array:
+                 strips: bool = False, upsample2x: bool = False) -> mx.array:
     """``mx.conv2d(x, weight, ...) + bias`` with the two CPU/memory-aware paths of :class:`Conv2d` for stride-1,
     padding-1 3x3 convolutions (``taps``, ``strips``; see there). Shared by :class:`Conv2d` and
     ``sd_mlx.quantization.QuantizedConv2d``.
 
     Args:
         x: ``(B, H, W, C_in)``; weight: ``(O, kh, kw, C_in / groups)``; bias: ``(O,)`` or ``None``.
+        upsample2x: convolve the nearest-x2 upsampling of ``x`` (:func:`upsample_nearest`); a plain 3x3
+            convolution whose upsampled input would be larger than its kernel runs at the input resolution
+            (:func:`upsample2x_conv3x3`); others upsample first.
 
     Returns:
         ``(B, H', W', O)``.
     """
-    b, h, w, c = x.shape
     plain_3x3 = (tuple(stride) == (1, 1) and dilation in (1, (1, 1)) and tuple(weight.shape[1:3]) == (3, 3)
                  and tuple(padding) == (1, 1) and groups == 1)
+    b, h, w, c = x.shape
+    # at low resolution the four summed kernels (16/9 of the kernel) cost more memory than the upsampled input
+    if upsample2x and (not plain_3x3 or 4 * b * h * w * c < weight.size):
+        x, upsample2x = upsample_nearest(x), False
+    b, h, w, c = x.shape
+    f = 2 if upsample2x else 1  # output rows (and columns) per input row
     on_cpu = mx.default_device() == mx.cpu
-    if plain_3x3 and taps and on_cpu and h * w >= CPU_TAPS_MIN_PIXELS:
-        return conv3x3_taps(x, weight, bias)
-    if not (plain_3x3 and strips) or b * h * w * 9 * c * x.itemsize <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
+    if plain_3x3 and taps and on_cpu and f * f * h * w >= CPU_TAPS_MIN_PIXELS:
+        return upsample2x_conv3x3(x, weight, bias, taps=True) if upsample2x else conv3x3_taps(x, weight, bias)
+    rows = strip_rows(x.shape, x.itemsize, upsample2x=upsample2x) if plain_3x3 and strips else None
+    if rows is None:
+        if upsample2x:
+            return upsample2x_conv3x3(x, weight, bias, taps=False)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
         return y + bias if bias is not None else y
-    rows = max(1, CONV_UNFOLD_BUDGET_BYTES // (b * w * 9 * c * x.itemsize))
-    xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])
-    parts = []
+    return conv3x3_strips(x, weight, bias, rows=rows, upsample2x=upsample2x)
+
+
+def strip_rows(shape: tuple[int, ...], itemsize: int, *, upsample2x: bool = False) -> int | None:
+    """Input rows per strip for :func:`conv3x3_strips` on an input of ``shape`` ``(B, H, W, C)``, or ``None`` when
+    the whole input fits :data:`CONV_UNFOLD_BUDGET_BYTES` (its unfolded ``B * H' * W' * 9 * C`` values, ``H', W'``
+    the output size) or has fewer than 4 rows."""
+    b, h, w, c = shape
+    f = 2 if upsample2x else 1
+    per_row = b * f * f * w * 9 * c * itemsize
+    if per_row * h <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
+        return None
+    return max(1, CONV_UNFOLD_BUDGET_BYTES // per_row)
+
+
+def conv3x3_strips(x: mx.array, weight: mx.array, bias: mx.array | None, *, rows: int, upsample2x: bool = False,
+                   prologue: Callable[[mx.array], mx.array] | None = None,
+                   epilogue: Callable[[mx.array, int, int], mx.array] | None = None) -> mx.array:
+    """Stride-1, padding-1 3x3 convolution over horizontal strips of ``rows`` input rows, each strip evaluated
+    and written into one preallocated output before the next is built.
+
+    Each strip reads its rows plus a one-row halo; ``prologue`` (an elementwise map such as a normalisation with
+    precomputed statistics and SiLU) is applied to that slice before the zero padding, so the convolution sees
+    ``conv(prologue(x))`` exactly while ``prologue(x)`` never exists whole. ``epilogue(y, start, stop)`` maps the
+    strip's output rows ``[start, stop)`` (e.g. adds the matching rows of a residual). Working memory: the output
+    plus one strip's buffers (the output is updated in place: MLX donates its buffer to each slice update).
+    On the CPU each strip is computed by :func:`conv3x3_taps` (or :func:`upsample2x_conv3x3` with taps), elsewhere
+    by ``mx.conv2d``.
+
+    Args:
+        x: ``(B, H, W, C)``.
+        weight: ``(O, 3, 3, C)``; bias: ``(O,)`` or ``None``.
+        rows: input rows per strip (see :func:`strip_rows`).
+        upsample2x: convolve the nearest-x2 upsampling of ``x`` instead (output ``2H x 2W``).
+        prologue: shape- and dtype-preserving map applied to each input slice, or ``None``.
+        epilogue: map of each output strip ``(B, stop - start, W', O)`` and its output rows, or ``None``.
+
+    Returns:
+        ``(B, H', W', O)``, ``H' = 2H`` with ``upsample2x`` else ``H`` (likewise ``W'``).
+    """
+    b, h, w, c = x.shape
+    f = 2 if upsample2x else 1
+    on_cpu = mx.default_device() == mx.cpu
+    out = None
     for start in range(0, h, rows):
         stop = min(h, start + rows)
-        if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
-            y = conv3x3_taps(xp[:, start:stop + 2], weight, bias, pad_rows=False)
+        lo, hi = max(start - 1, 0), min(stop + 1, h)
+        strip = x[:, lo:hi] if prologue is None else prologue(x[:, lo:hi])
+        if start == 0 or stop == h:  # zero rows outside the image, after the prologue as the convolution pads
+            strip = mx.pad(strip, [(0, 0), (int(start == 0), int(stop == h)), (0, 0), (0, 0)])
+        if upsample2x:
+            y = upsample2x_conv3x3(strip, weight, bias, taps=on_cpu, pad_rows=False)
+        elif on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
+            y = conv3x3_taps(strip, weight, bias, pad_rows=False)
         else:
-            y = mx.conv2d(xp[:, start:stop + 2], weight, padding=(0, 1))
+            y = mx.conv2d(strip, weight, padding=(0, 1))
             if bias is not None:
                 y = y + bias
-        mx.eval(y)
-        parts.append(y)
-    return mx.concatenate(parts, axis=1)
+        if epilogue is not None:
+            y = epilogue(y, f * start, f * stop)
+        if out is None:
+            out = mx.zeros((b, f * h, *y.shape[2:]), y.dtype)
+        out[:, f * start:f * stop] = y
+        mx.eval(out)
+    return out
+
+
+def norm_silu_conv(norm: "GroupNorm", conv: nn.Module, x: mx.array) -> mx.array:
+    """``conv(silu(norm(x)))``; when ``conv`` is a :class:`Conv2d` with ``strips`` and ``x`` exceeds the strip
+    budget (:func:`strip_rows`), computed over row strips with the norm's statistics gathered first and the norm
+    and SiLU applied per strip (:func:`conv3x3_strips`), so ``silu(norm(x))`` never exists whole.
+
+    Args: ``x`` ``(B, H, W, C)``. Returns: ``(B, H, W, O)``.
+    """
+    rows = strip_rows(x.shape, x.itemsize) if isinstance(conv, Conv2d) and conv.use_strips else None
+    if rows is None or tuple(conv.weight.shape[1:3]) != (3, 3) or tuple(conv.stride) != (1, 1):
+        return conv(silu(norm(x)))
+    mean, rstd = norm.statistics(x, rows)
+    return conv3x3_strips(x, conv.weight, conv.bias if "bias" in conv else None, rows=rows,
+                          prologue=lambda s: silu(norm.normalize(s, mean, rstd)))
 
 
 class Conv2d(nn.Conv2d):
@@ -172,10 +343,10 @@ class Conv2d(nn.Conv2d):
         self.use_taps = taps
         self.use_strips = strips
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, *, upsample2x: bool = False) -> mx.array:
         return apply_conv2d(x, self.weight, self.bias if "bias" in self else None, stride=self.stride,
                             padding=self.padding, dilation=self.dilation, groups=getattr(self, "groups", 1),
-                            taps=self.use_taps, strips=self.use_strips)
+                            taps=self.use_taps, strips=self.use_strips, upsample2x=upsample2x)
 
 
 def timestep_embedding(timesteps: mx.array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -233,9 +404,11 @@ class ResnetBlock2D(nn.Module):
         temb_channels: width of the time embedding, or ``None`` (VAE) for no ``time_emb_proj``.
         groups, groups_out: GroupNorm groups of ``norm1`` / ``norm2`` (``groups_out`` defaults to ``groups``).
         eps: GroupNorm epsilon.
-        strip_convs: the 3x3 convolutions use :class:`Conv2d`'s row strips (evaluated one by one on large
-            inputs): for the VAE, whose full-resolution maps are large (measured: lower MLX peak than the taps
-            path there). Otherwise (the U-Net, whose step is one lazily evaluated graph) its CPU taps path.
+        strip_convs: for the VAE, whose full-resolution maps are large: when an input exceeds the strip budget
+            (:func:`strip_rows`) and there is no ``temb``, the whole block runs over row strips
+            (:meth:`_call_streamed`, evaluated strip by strip: at 512x512x128 float32, 566 -> about 420 MB working
+            memory); smaller inputs use :class:`Conv2d`'s strips option. Otherwise (the U-Net, whose step is one
+            lazily evaluated graph) the convolutions use its CPU taps path.
         output_scale_factor: the divisor ``scale`` above.
 
     Call:
@@ -258,8 +431,13 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = nn.Linear(in_channels, out_channels)
         self.output_scale_factor = output_scale_factor
+        self.streamed = strip_convs
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        if self.streamed and temb is None and isinstance(self.conv1, Conv2d) and isinstance(self.conv2, Conv2d):
+            rows = strip_rows(x.shape, x.itemsize)
+            if rows is not None:
+                return self._call_streamed(x, rows)
         h = self.conv1(silu(self.norm1(x)))
         if temb is not None and "time_emb_proj" in self:
             h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
@@ -270,6 +448,25 @@ class ResnetBlock2D(nn.Module):
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
+
+    def _call_streamed(self, x: mx.array, rows: int) -> mx.array:
+        """The same block over row strips (:func:`conv3x3_strips`): the norms' statistics are gathered strip by
+        strip, each norm + SiLU is applied per strip inside its convolution, and the shortcut and residual sum per
+        output strip, so only ``x``, the first convolution's output and the result exist whole."""
+        scale = self.output_scale_factor
+        mean1, rstd1 = self.norm1.statistics(x, rows)
+        h = conv3x3_strips(x, self.conv1.weight, self.conv1.bias, rows=rows,
+                           prologue=lambda s: silu(self.norm1.normalize(s, mean1, rstd1)))
+        rows_h = strip_rows(h.shape, h.itemsize) or h.shape[1]
+        mean2, rstd2 = self.norm2.statistics(h, rows_h)
+
+        def residual(y: mx.array, start: int, stop: int) -> mx.array:
+            s = x[:, start:stop]
+            out = (self.conv_shortcut(s) if "conv_shortcut" in self else s) + y
+            return out / scale if scale != 1.0 else out
+
+        return conv3x3_strips(h, self.conv2.weight, self.conv2.bias, rows=rows_h,
+                              prologue=lambda s: silu(self.norm2.normalize(s, mean2, rstd2)), epilogue=residual)
 
 
 class Downsample2D(nn.Module):
@@ -335,6 +532,8 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, kernel_size=3, padding=1, taps=not strip_convs, strips=strip_convs)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+            return self.conv(x, upsample2x=True)  # computed at the input resolution, no upsampled copy
         return self.conv(upsample_nearest(x, size))
 
 

@@ -24,7 +24,8 @@ import mlx.nn as nn
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json
 from ..loading.keymaps.vae import vae_keymap
-from .layers import Conv2d, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm
+from .layers import (Conv2d, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm,
+                     norm_silu_conv)
 
 _EPS = 1e-6  # every norm of diffusers' VAE Encoder/Decoder uses this epsilon
 
@@ -183,7 +184,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, x)
 
 
 class Decoder(nn.Module):
@@ -211,7 +212,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, x)
 
 
 class DiagonalGaussianDistribution:

@@ -22,8 +22,9 @@ import mlx.core as mx
 
 
 def conv_kernel(value: mx.array) -> mx.array:
-    """A PyTorch conv kernel ``(O, I, kh, kw)`` as an MLX one ``(O, kh, kw, I)``; other arrays unchanged."""
-    return value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+    """A PyTorch conv kernel ``(O, I, kh, kw)`` as an MLX one ``(O, kh, kw, I)``, stored contiguously (see
+    :func:`sd_mlx.loading.keymaps.unet.conv_weight`); other arrays unchanged."""
+    return mx.contiguous(value.transpose(0, 2, 3, 1)) if value.ndim == 4 else value
 
 
 def taesd_keymap(key: str, value: mx.array) -> list[tuple[str, mx.array]]:
