@@ -329,13 +329,14 @@ class Conv2d(nn.Conv2d):
       ``nn.Conv2d``. The step graph stays one lazily evaluated graph.
     - ``strips=True`` (the VAE): when the unfolded input (``B * H * W * 9 * C`` values) would exceed
       :data:`CONV_UNFOLD_BUDGET_BYTES`, the output is computed over horizontal strips of rows (each strip reads
-      its rows plus the halo; on the CPU each strip by :func:`conv3x3_taps`), each evaluated before the next, so
-      only one strip's working buffers exist at a time. This makes the full-size VAE decode at 512x512 fit in a
-      few GB instead of about ten.
+      its rows plus the halo; on the CPU each strip by :func:`conv3x3_taps`), each evaluated and written into the
+      preallocated output before the next (:func:`conv3x3_strips`), so only the output and one strip's working
+      buffers exist at a time.
 
     Args: as ``nn.Conv2d``, plus the keyword flags ``taps`` and ``strips`` (both off: plain ``nn.Conv2d``).
 
-    Call: ``(B, H, W, C_in) -> (B, H', W', C_out)`` as ``nn.Conv2d``.
+    Call: ``x (B, H, W, C_in)`` -> ``(B, H', W', C_out)`` as ``nn.Conv2d``; with ``upsample2x=True`` the layer is
+    applied to the nearest-x2 upsampling of ``x`` (see :func:`apply_conv2d`), ``(B, 2H, 2W, C_out)``.
     """
 
     def __init__(self, *args, taps: bool = False, strips: bool = False, **kwargs) -> None:
