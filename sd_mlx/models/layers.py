@@ -315,9 +315,15 @@ def norm_silu_conv(norm: "GroupNorm", conv: nn.Module, x: mx.array) -> mx.array:
     rows = strip_rows(x.shape, x.itemsize) if isinstance(conv, Conv2d) and conv.use_strips else None
     if rows is None or tuple(conv.weight.shape[1:3]) != (3, 3) or tuple(conv.stride) != (1, 1):
         return conv(silu(norm(x)))
+    return _norm_silu_conv_strips(norm, conv, x, rows)
+
+
+def _norm_silu_conv_strips(norm: "GroupNorm", conv: "Conv2d", x: mx.array, rows: int,
+                           epilogue: Callable[[mx.array, int, int], mx.array] | None = None) -> mx.array:
+    # conv(silu(norm(x))) over strips of ``rows`` rows: statistics first, then norm + SiLU per strip
     mean, rstd = norm.statistics(x, rows)
     return conv3x3_strips(x, conv.weight, conv.bias if "bias" in conv else None, rows=rows,
-                          prologue=lambda s: silu(norm.normalize(s, mean, rstd)))
+                          prologue=lambda s: silu(norm.normalize(s, mean, rstd)), epilogue=epilogue)
 
 
 class Conv2d(nn.Conv2d):
@@ -432,10 +438,10 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = nn.Linear(in_channels, out_channels)
         self.output_scale_factor = output_scale_factor
-        self.streamed = strip_convs
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        if self.streamed and temb is None and isinstance(self.conv1, Conv2d) and isinstance(self.conv2, Conv2d):
+        if (temb is None and isinstance(self.conv1, Conv2d) and self.conv1.use_strips
+                and isinstance(self.conv2, Conv2d)):
             rows = strip_rows(x.shape, x.itemsize)
             if rows is not None:
                 return self._call_streamed(x, rows)
@@ -455,19 +461,15 @@ class ResnetBlock2D(nn.Module):
         strip, each norm + SiLU is applied per strip inside its convolution, and the shortcut and residual sum per
         output strip, so only ``x``, the first convolution's output and the result exist whole."""
         scale = self.output_scale_factor
-        mean1, rstd1 = self.norm1.statistics(x, rows)
-        h = conv3x3_strips(x, self.conv1.weight, self.conv1.bias, rows=rows,
-                           prologue=lambda s: silu(self.norm1.normalize(s, mean1, rstd1)))
-        rows_h = strip_rows(h.shape, h.itemsize) or h.shape[1]
-        mean2, rstd2 = self.norm2.statistics(h, rows_h)
+        h = _norm_silu_conv_strips(self.norm1, self.conv1, x, rows)
 
         def residual(y: mx.array, start: int, stop: int) -> mx.array:
             s = x[:, start:stop]
             out = (self.conv_shortcut(s) if "conv_shortcut" in self else s) + y
             return out / scale if scale != 1.0 else out
 
-        return conv3x3_strips(h, self.conv2.weight, self.conv2.bias, rows=rows_h,
-                              prologue=lambda s: silu(self.norm2.normalize(s, mean2, rstd2)), epilogue=residual)
+        return _norm_silu_conv_strips(self.norm2, self.conv2, h, strip_rows(h.shape, h.itemsize) or h.shape[1],
+                                      epilogue=residual)
 
 
 class Downsample2D(nn.Module):
