@@ -214,6 +214,16 @@ def _machine() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- workers
 
+def _cpu_attention_info(backend: str) -> dict[str, Any] | None:
+    """The fused CPU attention's status as JSON (``None`` off the CPU, where it is not used)."""
+    if backend != "cpu":
+        return None
+    from sd_mlx.cpu_attention import fused_attention_status
+
+    st = fused_attention_status()
+    return {"available": st.available, "library": st.library, "reason": st.reason}
+
+
 def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     import sd_mlx  # first: loads the optimised BLAS for MLX's CPU backend before mlx is imported
 
@@ -279,6 +289,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
         "blas_status_at_import": {"fast": sd_mlx.BLAS_STATUS.fast, "library": sd_mlx.BLAS_STATUS.library,
                                   "reason": sd_mlx.BLAS_STATUS.reason},
+        "cpu_attention": _cpu_attention_info(backend),
         "versions": {"sd_mlx": sd_mlx.__version__, "mlx": mx.__version__, "numpy": np.__version__},
     }
 
@@ -421,7 +432,7 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any]:
     out["peak_rss_bytes"] = peak_rss_bytes()
     for k in ("peak_rss_after_import_bytes", "peak_accel_bytes", "peak_accel_kind", "versions", "runs"):
         out[k] = res[k]
-    for k in ("blas_status", "blas_status_at_import", "torch_threads"):
+    for k in ("blas_status", "blas_status_at_import", "cpu_attention", "torch_threads"):
         if k in res:
             out[k] = res[k]
     return out
@@ -505,7 +516,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     if mi:
         b = mi["blas_status"]
         lines.append(f"- sd_mlx {mi['versions']['sd_mlx']}, MLX {mi['versions']['mlx']} on {mi['device']}; "
-                     f"BLAS: {'fast' if b['fast'] else 'SLOW (reference BLAS)'} ({b['reason']})")
+                     f"BLAS: {'fast' if b['fast'] else 'SLOW (reference BLAS)'} ({b['reason']})"
+                     + (f"; attention: {mi['cpu_attention']['reason']}" if mi.get("cpu_attention") else ""))
     ti = _engine_info(results, "torch")
     if ti:
         lines.append(f"- diffusers {ti['versions']['diffusers']}, torch {ti['versions']['torch']} on {ti['device']}, "

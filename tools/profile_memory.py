@@ -112,6 +112,16 @@ def _call(pipe: Any, a: argparse.Namespace, *, tiled: str | None, release: bool)
     return out, time.perf_counter() - t0
 
 
+def _cpu_attention_info() -> dict[str, Any] | None:
+    """The fused CPU attention's status as JSON (``None`` when MLX is not on the CPU, where it is not used)."""
+    from sd_mlx.cpu_attention import fused_attention_status
+
+    if mx.default_device() != mx.cpu:
+        return None
+    st = fused_attention_status()
+    return {"available": st.available, "library": st.library, "reason": st.reason}
+
+
 def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
     """Run the measured call (and the PSNR reference when asked) and return the JSON-ready report."""
     from sd_mlx.blas import blas_status_for_backend
@@ -138,6 +148,7 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
         "tiled_decode": tiled_state,
         "device": _device_name(),
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
+        "cpu_attention": _cpu_attention_info(),
         "mlx_version": mx.__version__,
         "phases": phases,
         "peak_memory": prof.peak_memory,
@@ -180,7 +191,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{s['steps']} steps ({s['scheduler']}), CFG {s['guidance_scale']:g}, {s['dtype']}",
         f"quantization: {quant}; models: {'released after use' if s['release_models'] else 'kept'}; "
         f"VAE: {r['vae'] or 'checkpoint AutoencoderKL'}; tiled decode: {tiled}; limits: {limits}",
-        f"MLX {r['mlx_version']} on {r['device']}; BLAS: {'fast' if b['fast'] else 'SLOW'} ({b['reason']})",
+        f"MLX {r['mlx_version']} on {r['device']}; BLAS: {'fast' if b['fast'] else 'SLOW'} ({b['reason']})"
+        + (f"; attention: {r['cpu_attention']['reason']}" if r.get("cpu_attention") else ""),
         "",
         f"{'phase':<15}{'seconds':>9}{'MLX peak GB':>13}{'RSS peak GB':>13}",
     ]

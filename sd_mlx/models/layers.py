@@ -21,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu_attention import fused_attention
+
 
 @partial(mx.compile, shapeless=True)
 def _squared_deviation(x: mx.array, mean: mx.array) -> mx.array:
@@ -603,12 +605,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     Returns:
         ``(B, L, heads * d)`` in ``q``'s dtype: ``softmax(q k^T / sqrt(d)) v`` per head, the softmax in float32
         whatever the input dtype (which covers diffusers' ``upcast_attention`` and ``upcast_softmax``). On a GPU
-        this is ``mx.fast.scaled_dot_product_attention``; on the CPU a chunked float32 path that bounds the
-        score buffers to a few MB and is about 3x faster there (see ``_attention_cpu``).
+        this is ``mx.fast.scaled_dot_product_attention``. On the CPU it is the fused multi-threaded kernel of
+        :mod:`sd_mlx.cpu_attention` (which evaluates its inputs), or where that is unavailable a chunked float32
+        path that bounds the score buffers to a few MB (see ``_attention_cpu``).
     """
     b, lq, inner = q.shape
     s = k.shape[1]
     d = inner // heads
+    if mx.default_device() == mx.cpu:
+        o = fused_attention(q, k, v, heads)
+        if o is not None:
+            return o.astype(q.dtype)
     q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, s, heads, d).transpose(0, 2, 1, 3)

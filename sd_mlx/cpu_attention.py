@@ -1,0 +1,188 @@
+"""Fused, multi-threaded attention for MLX's CPU backend, compiled from C++ at first use.
+
+MLX's CPU backend runs element-wise kernels on one thread and writes every score matrix to memory, so the
+4096-token self-attention of SD1.5 (batch 2, 8 heads of 40) took 1.3-1.5 s a call on 2 cores, against about 0.36 s
+in PyTorch. ``csrc/cpu_attention.cpp`` computes ``softmax(q k^T * scale) v`` block by block with a running
+maximum and denominator (the "online softmax" of Milakov & Gimelshein 2018, as blocked in FlashAttention, Dao et
+al. 2022), keeps each score block in cache and spreads (batch, head, query block) items over all cores:
+0.34-0.38 s for that call, same values to float32 rounding (about 1e-6 relative against a float64 reference).
+
+The library is built once per source, compiler and CPU with ``g++ -O3 -march=native -fno-math-errno`` (``$CXX``
+when set) into ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes``. Where no
+compiler is found, the build fails, ``SD_MLX_FUSED_ATTENTION=0`` is set, or the inputs cannot be evaluated (inside
+``mx.compile``, ``mx.grad`` or ``mx.vmap``), :func:`fused_attention` returns ``None`` and the caller uses MLX's
+own operations; :func:`fused_attention_status` says which and why (the CLI prints it with ``--verbose`` and warns
+when it is off on a CPU).
+
+Trade-off: the kernel works on evaluated buffers, so each call evaluates its inputs (``mx.eval``): a U-Net step on
+the CPU is evaluated in pieces instead of once, with the same result. Its working buffers (packed keys and
+values, about ``2 * B * heads * S * d`` floats) are outside MLX's allocator and not in ``mx.get_peak_memory``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
+_ENV = "SD_MLX_FUSED_ATTENTION"
+
+
+@dataclass(frozen=True)
+class FusedAttentionStatus:
+    """Whether the fused CPU attention is in use in this process.
+
+    Attributes:
+        available: True when the library is built and loaded.
+        library: path of the loaded shared library, or ``None``.
+        reason: one line saying why (for ``--verbose`` output and warnings).
+    """
+
+    available: bool
+    library: str | None
+    reason: str
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sd_mlx" / "native"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache (a home folder on a cluster).
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+    except OSError:
+        pass
+    return sig
+
+
+def _build(cxx: str) -> Path:
+    """Compile the kernel into the cache (once per source, flags, compiler and CPU); return the library's path.
+
+    Raises:
+        RuntimeError: the compiler failed (its last output lines are in the message).
+        OSError: the cache folder cannot be written.
+    """
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    lib = folder / f"cpu_attention-{key}.so"
+    if lib.is_file():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"{cxx} failed ({done.returncode}): {tail}")
+        os.replace(tmp, lib)  # atomic: concurrent builders each install a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[Callable | None, FusedAttentionStatus]:
+    if os.environ.get(_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations")
+    cxx = _compiler()
+    if cxx is None:
+        return None, FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found; "
+                                                       "install one (Debian/Ubuntu: `apt-get install g++`)")
+    try:
+        path = _build(cxx)
+        fn = ctypes.CDLL(str(path)).sd_mlx_attention_f32
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        return None, FusedAttentionStatus(False, None, f"could not build the fused CPU attention: {e}")
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+    return fn, FusedAttentionStatus(True, str(path), f"fused CPU attention: {path}")
+
+
+def fused_attention_status() -> FusedAttentionStatus:
+    """Build and load the kernel if not done yet in this process, and say whether it is in use. Never raises."""
+    return _load()[1]
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def fused_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array | None:
+    """Multi-head ``softmax(q k^T / sqrt(d)) v`` on the CPU with the fused kernel, or ``None`` when it cannot run.
+
+    Args:
+        q: ``(B, L, heads * d)``; k, v: ``(B, S, heads * d)``, token-major as the projections give them, any float
+            dtype (computed in float32).
+        heads: number of heads ``h``; each head is ``d`` consecutive channels.
+
+    Returns:
+        ``(B, L, heads * d)`` float32, a new evaluated array; ``None`` when the kernel is unavailable (see
+        :func:`fused_attention_status`) or the inputs cannot be evaluated here (inside ``mx.compile`` or another
+        function transformation). Matches diffusers' ``AttnProcessor2_0`` without mask to float32 rounding.
+
+    Raises:
+        ValueError: inconsistent shapes.
+        MemoryError: the kernel could not allocate its working buffers.
+    """
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] \
+            or q.shape[2] % heads:
+        raise ValueError(f"fused_attention: expected q (B, L, h*d) and k = v (B, S, h*d) with h={heads}, "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    fn = _load()[0]
+    if fn is None or 0 in q.shape or 0 in k.shape:
+        return None
+    q, k, v = (mx.contiguous(t.astype(mx.float32)) for t in (q, k, v))
+    try:
+        mx.eval(q, k, v)
+    except (ValueError, RuntimeError):  # a tracer: inside mx.compile / grad / vmap
+        return None
+    qn, kn, vn = (np.ascontiguousarray(t) for t in (q, k, v))  # zero-copy views of MLX's buffers
+    b, lq, inner = qn.shape
+    s = kn.shape[1]
+    d = inner // heads
+    out = np.empty((b, lq, inner), np.float32)
+    rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, b, lq, s, heads, d, inner, inner, inner,
+            d ** -0.5, _threads())
+    if rc == 2:
+        raise MemoryError(f"fused CPU attention: could not allocate working buffers for q {q.shape}, k {k.shape}")
+    if rc != 0:
+        raise ValueError(f"fused CPU attention rejected sizes q {q.shape}, k {k.shape}, heads {heads}")
+    return mx.array(out)

@@ -1,0 +1,157 @@
+"""The fused CPU attention kernel (sd_mlx/csrc/cpu_attention.cpp): values against a float64 reference and against
+MLX's own path, every padding/tail case of its blocking, and each way it falls back to MLX's operations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from sd_mlx import cpu_attention
+from sd_mlx.models import layers
+
+STATUS = cpu_attention.fused_attention_status()
+needs_kernel = pytest.mark.skipif(not STATUS.available, reason=f"fused CPU attention not built: {STATUS.reason}")
+
+
+def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(d)) v per head in float64; (B, L, h*d) in and out."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    q4, k4, v4 = (t.astype(np.float64).reshape(b, -1, heads, d) for t in (q, k, v))
+    s = np.einsum("blhd,bshd->bhls", q4, k4) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhls,bshd->blhd", p, v4).reshape(b, lq, inner)
+
+
+def _inputs(b: int, lq: int, s: int, heads: int, d: int, seed: int = 0, spread: float = 3.0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, lq, heads * d), dtype=np.float32) * spread
+    k = rng.standard_normal((b, s, heads * d), dtype=np.float32)
+    v = rng.standard_normal((b, s, heads * d), dtype=np.float32)
+    return q, k, v
+
+
+# (B, L, S, heads, d): SD1.5's self- and cross-attention head sizes, SD2's 64, the VAE's single 512-wide head, and
+# sizes that leave tails in every blocking (96 query rows, 6-row tiles, 16-key tiles, 256-key blocks, 8-wide d).
+SHAPES = [
+    (2, 200, 77, 8, 40),
+    (2, 300, 300, 5, 64),
+    (1, 97, 257, 2, 80),
+    (1, 64, 64, 1, 512),
+    (1, 7, 3, 3, 5),
+    (3, 1, 1, 1, 1),
+    (1, 130, 600, 2, 24),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape):
+    b, lq, s, heads, d = shape
+    q, k, v = _inputs(b, lq, s, heads, d)
+    out = cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), heads)
+    assert out is not None and out.dtype == mx.float32 and out.shape == (b, lq, heads * d)
+    # float32 accumulation over up to 600 keys and 512 channels: 1e-5 relative to the output scale.
+    np.testing.assert_allclose(np.array(out), _reference(q, k, v, heads), rtol=0, atol=1e-5 * max(1.0, np.abs(v).max()))
+
+
+@needs_kernel
+def test_large_scores_do_not_overflow():
+    """Scores up to ~1e3 (sharp softmax) stay finite and exact: the running maximum is subtracted before exp."""
+    q, k, v = _inputs(1, 50, 300, 2, 16, seed=1, spread=200.0)
+    out = np.array(cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), 2))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, _reference(q, k, v, 2), rtol=0, atol=1e-4)
+
+
+@needs_kernel
+def test_same_values_as_mlx_path_and_dtypes():
+    """attention() on the CPU (fused) agrees with the MLX fallback path; float16 inputs give float16 outputs."""
+    q, k, v = (mx.array(t) for t in _inputs(2, 333, 333, 4, 40, seed=2))
+    fused = layers.attention(q, k, v, 4)
+    b, lq, inner = q.shape
+    split = [t.reshape(b, -1, 4, 40).transpose(0, 2, 1, 3) for t in (q, k, v)]
+    plain = layers._attention_cpu(*split, 40 ** -0.5).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+    np.testing.assert_allclose(np.array(fused), np.array(plain), rtol=0, atol=2e-5)
+    half = layers.attention(*(t.astype(mx.float16) for t in (q, k, v)), 4)
+    assert half.dtype == mx.float16
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(plain), rtol=0, atol=2e-2)
+
+
+@needs_kernel
+def test_strided_inputs():
+    """Non-contiguous inputs (a slice of a fused projection, a transposed batch) are made contiguous first."""
+    q, k, v = _inputs(2, 40, 50, 2, 8, seed=3)
+    qkv = mx.concatenate([mx.array(np.concatenate([q, q[:, :10]], axis=1)), mx.zeros((2, 50, 16))], axis=-1)
+    qs = qkv[:, :40, :16]
+    kk = mx.array(np.ascontiguousarray(k.transpose(1, 0, 2))).transpose(1, 0, 2)
+    out = cpu_attention.fused_attention(qs, kk, mx.array(v), 2)
+    np.testing.assert_allclose(np.array(out), _reference(q, k, v, 2), rtol=0, atol=1e-5)
+
+
+def test_bad_shapes_raise():
+    q = mx.zeros((1, 4, 6))
+    with pytest.raises(ValueError, match="heads|h=4"):
+        cpu_attention.fused_attention(q, q, q, 4)  # 6 channels do not split into 4 heads
+    with pytest.raises(ValueError):
+        cpu_attention.fused_attention(q, mx.zeros((1, 4, 8)), mx.zeros((1, 4, 8)), 2)
+
+
+@needs_kernel
+def test_inside_compile_falls_back():
+    """Under mx.compile the inputs cannot be evaluated: fused_attention returns None, attention() takes MLX's path
+    and the compiled function gives the same values as the eager (fused) one."""
+    q, k, v = (mx.array(t) for t in _inputs(1, 70, 90, 2, 16, seed=4))
+    seen = []
+
+    def f(q, k, v):
+        seen.append(cpu_attention.fused_attention(q, k, v, 2))
+        return layers.attention(q, k, v, 2)
+
+    compiled = mx.compile(f)(q, k, v)
+    assert seen == [None]
+    np.testing.assert_allclose(np.array(compiled), np.array(layers.attention(q, k, v, 2)), rtol=0, atol=2e-5)
+
+
+@needs_kernel
+def test_library_is_cached_by_content():
+    """The library is built once: a second build returns the same file, untouched."""
+    path = cpu_attention._build(cpu_attention._compiler())
+    assert str(path) == STATUS.library
+    before = os.stat(path).st_mtime_ns
+    assert cpu_attention._build(cpu_attention._compiler()) == path and os.stat(path).st_mtime_ns == before
+
+
+_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_attention as c; "
+          "from sd_mlx.models.layers import attention; st = c.fused_attention_status(); "
+          "x = mx.array(np.random.default_rng(0).standard_normal((1, 20, 8), dtype=np.float32)); "
+          "print(st.available, '|', st.reason, '|', float(attention(x, x, x, 2).sum()))")
+
+
+def _probe(tmp_path, **env) -> tuple[str, str, float]:
+    full = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), **env)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=full, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    available, reason, total = (p.strip() for p in out.stdout.strip().split("|"))
+    return available, reason, float(total)
+
+
+def test_fallbacks_keep_working(tmp_path):
+    """Turned off, or with a compiler that fails, the status says why and attention still gives the same values."""
+    off = _probe(tmp_path / "off", SD_MLX_FUSED_ATTENTION="0")
+    assert off[0] == "False" and "SD_MLX_FUSED_ATTENTION=0" in off[1]
+    broken = _probe(tmp_path / "broken", CXX="false")
+    assert broken[0] == "False" and "could not build" in broken[1] and "false" in broken[1]
+    assert not (tmp_path / "broken" / "sd_mlx" / "native").exists() or not any(
+        p.suffix == ".so" for p in (tmp_path / "broken" / "sd_mlx" / "native").iterdir())
+    if STATUS.available:
+        fresh = _probe(tmp_path / "fresh")  # builds into an empty cache
+        assert fresh[0] == "True" and list((tmp_path / "fresh" / "sd_mlx" / "native").glob("cpu_attention-*.so"))
+        assert abs(fresh[2] - off[2]) <= 1e-4 * max(1.0, abs(off[2]))
+    assert abs(broken[2] - off[2]) <= 1e-6 * max(1.0, abs(off[2]))
