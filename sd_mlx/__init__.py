@@ -9,14 +9,17 @@ Public API::
 
 Importing sd_mlx first loads an optimised BLAS for MLX's Linux CPU backend when one is installed (see
 :mod:`sd_mlx.blas`; that has to happen before ``mlx`` is imported, hence the order below) and lets MLX's CPU JIT
-build its fused kernels for the host CPU (:mod:`sd_mlx.cpu_jit`).
+build its fused kernels for the host CPU (:mod:`sd_mlx.cpu_jit`); on glibc Linux it keeps freed buffers mapped for
+reuse (:mod:`sd_mlx.cpu_memory`).
 """
 
 from .blas import enable_fast_blas as _enable_fast_blas
 from .cpu_jit import enable_native_cpu_jit as _enable_native_cpu_jit
+from .cpu_memory import keep_freed_buffers as _keep_freed_buffers
 
 BLAS_STATUS = _enable_fast_blas()
 NATIVE_CPU_JIT = _enable_native_cpu_jit()
+KEEP_FREED_MEMORY = _keep_freed_buffers()
 
 from .errors import (  # noqa: E402
     ConfigError,
@@ -31,7 +34,8 @@ from .errors import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLAS_STATUS", "NATIVE_CPU_JIT", "ConfigError", "InvalidArgumentError", "ModelNotFoundError", "NonFiniteError", "OutputError",
+    "BLAS_STATUS", "NATIVE_CPU_JIT", "KEEP_FREED_MEMORY", "ConfigError", "InvalidArgumentError", "ModelNotFoundError",
+    "NonFiniteError", "OutputError",
     "SDMLXError", "WeightLoadError", "load_pipeline", "StableDiffusionPipeline", "PipelineOutput",
 ]
 

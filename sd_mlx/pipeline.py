@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_memory import return_freed_memory
 from .errors import InvalidArgumentError, ModelNotFoundError, NonFiniteError
 from .images import GenerationParameters, to_pil
 from .loading.components import parse_dtype
@@ -466,7 +467,8 @@ class StableDiffusionPipeline:
         return tuple(self._models)
 
     def release(self, *names: str) -> None:
-        """Drop loaded models (``"text_encoder"``, ``"unet"``, ``"vae"``; all when none named) and MLX's cache.
+        """Drop loaded models (``"text_encoder"``, ``"unet"``, ``"vae"``; all when none named), MLX's cache and the
+        free heap pages (:func:`sd_mlx.cpu_memory.return_freed_memory`).
 
         Raises:
             InvalidArgumentError: an unknown component name.
@@ -477,6 +479,7 @@ class StableDiffusionPipeline:
         for n in names or tuple(self._models):
             self._models.pop(n, None)
         mx.clear_cache()
+        return_freed_memory()  # sd_mlx.cpu_memory keeps freed buffers mapped; give them back between phases
 
     @property
     def vae_scale_factor(self) -> int:
