@@ -195,3 +195,27 @@ def test_taesd_names(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(c)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_all_finite_every_float_dtype(dtype):
+    """The numpy-side finite check (bfloat16 on its bits) flags NaN, +Inf and -Inf anywhere, and only those."""
+    from sd_mlx.loading.weights import all_finite
+
+    x = np.linspace(-60000, 60000, 1001, dtype=np.float32)  # large but finite in every dtype
+    assert all_finite(mx.array(x).astype(dtype))
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[777] = bad
+        assert not all_finite(mx.array(y).astype(dtype)), (dtype, bad)
+    assert all_finite(mx.array([1, 2, 3]))
+
+
+def test_conv_kernel_layout_matches_transpose():
+    """kernel_to_mlx gives exactly (O, I, kh, kw) -> (O, kh, kw, I), contiguous."""
+    from sd_mlx.loading.keymaps.unet import kernel_to_mlx
+
+    w = np.random.default_rng(0).standard_normal((5, 7, 3, 2)).astype(np.float32)
+    out = kernel_to_mlx(mx.array(w))
+    np.testing.assert_array_equal(np.array(out), w.transpose(0, 2, 3, 1))
+    assert memoryview(out).c_contiguous

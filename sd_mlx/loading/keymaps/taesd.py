@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .unet import kernel_to_mlx
+
 
 def conv_kernel(value: mx.array) -> mx.array:
     """A PyTorch conv kernel ``(O, I, kh, kw)`` as an MLX one ``(O, kh, kw, I)``, stored contiguously (see
-    :func:`sd_mlx.loading.keymaps.unet.conv_weight`); other arrays unchanged."""
-    return mx.contiguous(value.transpose(0, 2, 3, 1)) if value.ndim == 4 else value
+    :func:`sd_mlx.loading.keymaps.unet.kernel_to_mlx`); other arrays unchanged."""
+    return kernel_to_mlx(value) if value.ndim == 4 else value
 
 
 def taesd_keymap(key: str, value: mx.array) -> list[tuple[str, mx.array]]:

@@ -15,16 +15,26 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+def kernel_to_mlx(value: mx.array) -> mx.array:
+    """A PyTorch conv kernel ``(O, I, kh, kw)`` as MLX's ``(O, kh, kw, I)``, stored contiguously.
+
+    Written as ``(O, I, kh*kw) -> (O, kh*kw, I)``: MLX's CPU copy runs that 3-D transpose about 5x faster than the
+    4-D ``transpose(0, 2, 3, 1)`` (measured: 118 MB kernel 0.12 -> 0.025 s).
+    """
+    o, i, kh, kw = value.shape
+    return mx.contiguous(value.reshape(o, i, kh * kw).swapaxes(1, 2)).reshape(o, kh, kw, i)
+
+
 def conv_weight(value: mx.array) -> mx.array:
     """A PyTorch conv kernel ``(O, I, kh, kw)`` in MLX layout: ``(O, I)`` when 1x1, else ``(O, kh, kw, I)``
-    stored contiguously (a transposed view would be copied by every convolution that uses it: measured +30% time
-    and +118 MB working memory for SD1.5's 2560 -> 1280 up-block convolution); arrays that are not 4-D are
-    returned unchanged."""
+    stored contiguously (:func:`kernel_to_mlx`; a transposed view would be copied by every convolution that uses
+    it: measured +30% time and +118 MB working memory for SD1.5's 2560 -> 1280 up-block convolution); arrays that
+    are not 4-D are returned unchanged."""
     if value.ndim != 4:
         return value
     if value.shape[2] == 1 and value.shape[3] == 1:
         return value.reshape(value.shape[0], value.shape[1])
-    return mx.contiguous(value.transpose(0, 2, 3, 1))
+    return kernel_to_mlx(value)
 
 
 def unet_keymap(key: str, value: mx.array) -> list[tuple[str, mx.array]]:
