@@ -19,6 +19,7 @@ from PIL import Image
 import sd_mlx
 import mlx.core as mx
 from sd_mlx import txt2img
+from sd_mlx.cpu_attention import fused_attention_status
 from sd_mlx.images import read_parameters, to_uint8
 from sd_mlx.pipeline import StableDiffusionPipeline, load_pipeline
 
@@ -88,9 +89,22 @@ def test_run_writes_pngs_with_a1111_parameters_progress_and_verbose(tiny_sd1, tm
         assert f"saved {tmp_path / name} (seed {5 + k})" in stdout
     # tqdm progress bar over the 2 steps, and --verbose's per-phase time and peak memory
     assert "denoising" in stderr and "2/2" in stderr
-    for word in ("BLAS:", "estimated peak memory", "text_encoding", "decoding", "MLX peak GB", "RSS peak GB",
-                 "s/step", "end to end"):
+    attention = "attention: fused CPU attention" if fused_attention_status().available else "attention:"
+    for word in ("BLAS:", attention, "estimated peak memory", "text_encoding", "decoding", "MLX peak GB",
+                 "RSS peak GB", "s/step", "end to end"):
         assert word in stderr, word
+
+
+def test_warns_when_cpu_attention_is_unavailable(tiny_sd1, tmp_path, monkeypatch, capsys):
+    """On the CPU without the fused kernel the CLI says so, and why, before any work (and still runs)."""
+    from sd_mlx.cpu_attention import FusedAttentionStatus
+
+    off = FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found")
+    monkeypatch.setattr(txt2img, "_fused_attention_on_cpu", lambda: off)
+    code, _, stderr = _run(["a cat", "--model", tiny_sd1, "--seed", 1, "--output", tmp_path / "c.png", *SIZE], capsys)
+    assert code == 0, stderr
+    assert "warning: attention runs on MLX's single-threaded CPU path" in stderr and "no C++ compiler" in stderr
+    assert stderr.index("warning: attention") < stderr.index("denoising")
 
 
 def test_default_names_never_collide(tiny_sd1, tmp_path, monkeypatch, capsys):
