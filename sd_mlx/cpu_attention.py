@@ -9,10 +9,11 @@ al. 2022), keeps each score block in cache and spreads (batch, head, query block
 
 The library is built once per source, compiler and CPU with ``g++ -O3 -march=native -fno-math-errno`` (``$CXX``
 when set) into ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes``. Where no
-compiler is found, the build fails, ``SD_MLX_FUSED_ATTENTION=0`` is set, or the inputs cannot be evaluated (inside
-``mx.compile``, ``mx.grad`` or ``mx.vmap``), :func:`fused_attention` returns ``None`` and the caller uses MLX's
-own operations; :func:`fused_attention_status` says which and why (the CLI prints it with ``--verbose`` and warns
-when it is off on a CPU).
+compiler is found, the build fails or ``SD_MLX_FUSED_ATTENTION=0`` is set, :func:`fused_attention` returns
+``None`` and the caller uses MLX's own operations; :func:`fused_attention_status` says which and why (the CLI
+prints it with ``--verbose`` and warns when it is off on a CPU). The caller's MLX version also gives the
+derivatives (the kernel is an ``mx.custom_function`` whose vjp and jvp are the reference's) and the value inside
+``mx.compile`` and ``mx.vmap``, where inputs cannot be evaluated.
 
 Trade-off: the kernel works on evaluated buffers, so each call evaluates its inputs (``mx.eval``): a U-Net step on
 the CPU is evaluated in pieces instead of once, with the same result. Its working buffers (packed keys and
@@ -26,6 +27,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -49,21 +51,29 @@ class FusedAttentionStatus:
         available: True when the library is built and loaded.
         library: path of the loaded shared library, or ``None``.
         reason: one line saying why (for ``--verbose`` output and warnings).
+        turned_off: True when the user turned it off (``SD_MLX_FUSED_ATTENTION=0``): nothing to warn about.
     """
 
     available: bool
     library: str | None
     reason: str
+    turned_off: bool = False
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX", "").strip()
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` (which may carry a launcher or flags, e.g. ``ccache g++``), else the first
+    of g++, c++, clang++ on ``PATH``; ``None`` when there is none."""
+    try:
+        cxx = shlex.split(os.environ.get("CXX", ""))
+    except ValueError:  # unbalanced quotes
+        return None
     if cxx:
-        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+        found = shutil.which(cxx[0]) or (cxx[0] if os.path.isfile(cxx[0]) else None)
+        return [found, *cxx[1:]] if found else None
     for name in ("g++", "c++", "clang++"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -85,7 +95,7 @@ def _cpu_signature() -> str:
     return sig
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: list[str]) -> Path:
     """Compile the kernel into the cache (once per source, flags, compiler and CPU); return the library's path.
 
     Raises:
@@ -93,8 +103,8 @@ def _build(cxx: str) -> Path:
         OSError: the cache folder cannot be written.
     """
     source = SOURCE.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(cxx + list(_FLAGS)).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     lib = folder / f"cpu_attention-{key}.so"
@@ -104,10 +114,11 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([*cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise RuntimeError(f"{cxx} failed ({done.returncode}): {tail}")
+            raise RuntimeError(f"{' '.join(cxx)} failed ({done.returncode}): {tail}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
         os.replace(tmp, lib)  # atomic: concurrent builders each install a complete file
     finally:
         if os.path.exists(tmp):
@@ -118,7 +129,7 @@ def _build(cxx: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, FusedAttentionStatus]:
     if os.environ.get(_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
-        return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations")
+        return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations", turned_off=True)
     cxx = _compiler()
     if cxx is None:
         return None, FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found; "
@@ -145,34 +156,67 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def fused_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array | None:
+AttentionFn = Callable[[mx.array, mx.array, mx.array, int], mx.array]
+"""``(q, k, v, heads) -> out``: token-major multi-head attention as in :func:`fused_attention`."""
+
+
+def fused_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, reference: AttentionFn) -> mx.array | None:
     """Multi-head ``softmax(q k^T / sqrt(d)) v`` on the CPU with the fused kernel, or ``None`` when it cannot run.
 
     Args:
         q: ``(B, L, heads * d)``; k, v: ``(B, S, heads * d)``, token-major as the projections give them, any float
             dtype (computed in float32).
         heads: number of heads ``h``; each head is ``d`` consecutive channels.
+        reference: the same function written with MLX operations (float32 out). It supplies the derivatives
+            (``mx.grad``, ``mx.vjp``, ``mx.jvp`` differentiate it, not the kernel, whose output is a constant to
+            MLX) and the value wherever the inputs cannot be evaluated (inside ``mx.compile`` or ``mx.vmap``).
 
     Returns:
-        ``(B, L, heads * d)`` float32, a new evaluated array; ``None`` when the kernel is unavailable (see
-        :func:`fused_attention_status`) or the inputs cannot be evaluated here (inside ``mx.compile`` or another
-        function transformation). Matches diffusers' ``AttnProcessor2_0`` without mask to float32 rounding.
+        ``(B, L, heads * d)`` float32; ``None`` when the kernel is unavailable (see :func:`fused_attention_status`)
+        or an input is empty. Matches diffusers' ``AttnProcessor2_0`` without mask to float32 rounding.
 
     Raises:
-        ValueError: inconsistent shapes.
+        ValueError: inconsistent shapes or ``heads < 1``.
         MemoryError: the kernel could not allocate its working buffers.
     """
-    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] \
-            or q.shape[2] % heads:
-        raise ValueError(f"fused_attention: expected q (B, L, h*d) and k = v (B, S, h*d) with h={heads}, "
+    if heads < 1 or q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.shape[2] % heads:
+        raise ValueError(f"fused_attention: expected q (B, L, h*d) and k = v (B, S, h*d) with h={heads} >= 1, "
                          f"got {q.shape}, {k.shape}, {v.shape}")
     fn = _load()[0]
     if fn is None or 0 in q.shape or 0 in k.shape:
         return None
+    return _differentiable(heads, reference)(q, k, v)
+
+
+@functools.lru_cache(maxsize=64)
+def _differentiable(heads: int, reference: AttentionFn) -> Callable:
+    """The (loaded) kernel as an ``mx.custom_function`` whose derivatives are those of ``reference``."""
+    fn = _load()[0]
+
+    @mx.custom_function
+    def attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        out = _run_kernel(fn, q, k, v, heads)
+        return reference(q, k, v, heads) if out is None else out
+
+    @attend.vjp
+    def attend_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> list[mx.array]:
+        return mx.vjp(lambda q, k, v: reference(q, k, v, heads), list(primals), [cotangent])[1]
+
+    @attend.jvp
+    def attend_jvp(primals: tuple[mx.array, ...], tangents: tuple[mx.array, ...]) -> list[mx.array]:
+        return mx.jvp(lambda q, k, v: reference(q, k, v, heads), list(primals), list(tangents))[1]
+
+    return attend
+
+
+def _run_kernel(fn: Callable, q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array | None:
+    """Evaluate the inputs and run the kernel; ``None`` when they cannot be evaluated (a tracer of
+    ``mx.compile`` or ``mx.vmap``)."""
     q, k, v = (mx.contiguous(t.astype(mx.float32)) for t in (q, k, v))
     try:
         mx.eval(q, k, v)
-    except (ValueError, RuntimeError):  # a tracer: inside mx.compile / grad / vmap
+    except (ValueError, RuntimeError):
         return None
     qn, kn, vn = (np.ascontiguousarray(t) for t in (q, k, v))  # zero-copy views of MLX's buffers
     b, lq, inner = qn.shape

@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
         if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
             print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)
     fused = _fused_attention_on_cpu()
-    if fused is not None and not fused.available:
+    if fused is not None and not fused.available and not fused.turned_off:
         print(f"warning: attention runs on MLX's single-threaded CPU path (about 4x slower): {fused.reason}",
               file=sys.stderr)
     if args.verbose:

@@ -15,6 +15,7 @@ from sd_mlx import cpu_attention
 from sd_mlx.models import layers
 
 STATUS = cpu_attention.fused_attention_status()
+REF = layers._attention_cpu_tokens  # MLX's operations: the kernel's reference
 needs_kernel = pytest.mark.skipif(not STATUS.available, reason=f"fused CPU attention not built: {STATUS.reason}")
 
 
@@ -55,7 +56,7 @@ SHAPES = [
 def test_matches_float64_reference(shape):
     b, lq, s, heads, d = shape
     q, k, v = _inputs(b, lq, s, heads, d)
-    out = cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), heads)
+    out = cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), heads, REF)
     assert out is not None and out.dtype == mx.float32 and out.shape == (b, lq, heads * d)
     # float32 accumulation over up to 600 keys and 512 channels: 1e-5 relative to the output scale.
     np.testing.assert_allclose(np.array(out), _reference(q, k, v, heads), rtol=0, atol=1e-5 * max(1.0, np.abs(v).max()))
@@ -65,7 +66,7 @@ def test_matches_float64_reference(shape):
 def test_large_scores_do_not_overflow():
     """Scores up to ~1e3 (sharp softmax) stay finite and exact: the running maximum is subtracted before exp."""
     q, k, v = _inputs(1, 50, 300, 2, 16, seed=1, spread=200.0)
-    out = np.array(cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), 2))
+    out = np.array(cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), 2, REF))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, _reference(q, k, v, 2), rtol=0, atol=1e-4)
 
@@ -91,32 +92,62 @@ def test_strided_inputs():
     qkv = mx.concatenate([mx.array(np.concatenate([q, q[:, :10]], axis=1)), mx.zeros((2, 50, 16))], axis=-1)
     qs = qkv[:, :40, :16]
     kk = mx.array(np.ascontiguousarray(k.transpose(1, 0, 2))).transpose(1, 0, 2)
-    out = cpu_attention.fused_attention(qs, kk, mx.array(v), 2)
+    out = cpu_attention.fused_attention(qs, kk, mx.array(v), 2, REF)
     np.testing.assert_allclose(np.array(out), _reference(q, k, v, 2), rtol=0, atol=1e-5)
 
 
 def test_bad_shapes_raise():
     q = mx.zeros((1, 4, 6))
-    with pytest.raises(ValueError, match="heads|h=4"):
-        cpu_attention.fused_attention(q, q, q, 4)  # 6 channels do not split into 4 heads
+    with pytest.raises(ValueError, match="h=4"):
+        cpu_attention.fused_attention(q, q, q, 4, REF)  # 6 channels do not split into 4 heads
+    for heads in (0, -2):
+        with pytest.raises(ValueError, match=">= 1"):
+            cpu_attention.fused_attention(q, q, q, heads, REF)
     with pytest.raises(ValueError):
-        cpu_attention.fused_attention(q, mx.zeros((1, 4, 8)), mx.zeros((1, 4, 8)), 2)
+        cpu_attention.fused_attention(q, mx.zeros((1, 4, 8)), mx.zeros((1, 4, 8)), 2, REF)
+
+
+def test_empty_inputs_give_zeros():
+    """No queries or no keys: attention() returns zeros of the right shape on every path (no crash)."""
+    for lq, s in ((0, 3), (4, 0), (0, 0)):
+        out = layers.attention(mx.ones((2, lq, 8)), mx.ones((2, s, 8)), mx.ones((2, s, 8)), 2)
+        assert out.shape == (2, lq, 8) and not np.array(out).any()
 
 
 @needs_kernel
-def test_inside_compile_falls_back():
-    """Under mx.compile the inputs cannot be evaluated: fused_attention returns None, attention() takes MLX's path
-    and the compiled function gives the same values as the eager (fused) one."""
+def test_inside_compile_and_vmap_uses_the_reference():
+    """Under mx.compile and mx.vmap the inputs cannot be evaluated: the kernel's reference gives the value, the
+    same as the eager (fused) result."""
     q, k, v = (mx.array(t) for t in _inputs(1, 70, 90, 2, 16, seed=4))
-    seen = []
+    eager = np.array(layers.attention(q, k, v, 2))
+    compiled = mx.compile(lambda q, k, v: layers.attention(q, k, v, 2))(q, k, v)
+    np.testing.assert_allclose(np.array(compiled), eager, rtol=0, atol=2e-5)
+    mapped = mx.vmap(lambda q, k, v: layers.attention(q, k, v, 2))(*(mx.stack([t, t]) for t in (q, k, v)))
+    np.testing.assert_allclose(np.array(mapped), np.stack([eager, eager]), rtol=0, atol=2e-5)
 
-    def f(q, k, v):
-        seen.append(cpu_attention.fused_attention(q, k, v, 2))
-        return layers.attention(q, k, v, 2)
 
-    compiled = mx.compile(f)(q, k, v)
-    assert seen == [None]
-    np.testing.assert_allclose(np.array(compiled), np.array(layers.attention(q, k, v, 2)), rtol=0, atol=2e-5)
+@needs_kernel
+def test_derivatives_are_those_of_the_mlx_path():
+    """mx.grad / value_and_grad / jvp through the fused kernel give the MLX path's derivatives (the kernel's
+    output alone is a constant to MLX: without its custom vjp/jvp they would be silently zero)."""
+    q, k, v = (mx.array(t) for t in _inputs(2, 10, 12, 2, 8, seed=5, spread=1.0))
+    w = mx.array(np.random.default_rng(6).standard_normal((2, 10, 16), dtype=np.float32))
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, 2) * w).sum()
+
+    fused = mx.grad(loss(layers.attention), argnums=(0, 1, 2))(q, k, v)
+    plain = mx.grad(loss(REF), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(fused, plain):
+        assert float(mx.abs(b).max()) > 0.1
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-5)
+    value, _ = mx.value_and_grad(loss(layers.attention))(q, k, v)
+    np.testing.assert_allclose(float(value), float(loss(REF)(q, k, v)), rtol=1e-5)
+    tangents = [mx.ones_like(q), mx.zeros_like(k), mx.zeros_like(v)]
+    jf = mx.jvp(lambda q, k, v: layers.attention(q, k, v, 2), [q, k, v], tangents)[1][0]
+    jp = mx.jvp(lambda q, k, v: REF(q, k, v, 2), [q, k, v], tangents)[1][0]
+    assert float(mx.abs(jp).max()) > 0.1
+    np.testing.assert_allclose(np.array(jf), np.array(jp), rtol=0, atol=1e-5)
 
 
 @needs_kernel
@@ -126,6 +157,7 @@ def test_library_is_cached_by_content():
     assert str(path) == STATUS.library
     before = os.stat(path).st_mtime_ns
     assert cpu_attention._build(cpu_attention._compiler()) == path and os.stat(path).st_mtime_ns == before
+    assert os.stat(path).st_mode & 0o055 == 0o055  # readable by others sharing the cache
 
 
 _PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_attention as c; "
@@ -146,6 +178,8 @@ def test_fallbacks_keep_working(tmp_path):
     """Turned off, or with a compiler that fails, the status says why and attention still gives the same values."""
     off = _probe(tmp_path / "off", SD_MLX_FUSED_ATTENTION="0")
     assert off[0] == "False" and "SD_MLX_FUSED_ATTENTION=0" in off[1]
+    missing = _probe(tmp_path / "missing", CXX="/no/such/compiler -O2")
+    assert missing[0] == "False" and "no C++ compiler" in missing[1]
     broken = _probe(tmp_path / "broken", CXX="false")
     assert broken[0] == "False" and "could not build" in broken[1] and "false" in broken[1]
     assert not (tmp_path / "broken" / "sd_mlx" / "native").exists() or not any(
@@ -154,4 +188,6 @@ def test_fallbacks_keep_working(tmp_path):
         fresh = _probe(tmp_path / "fresh")  # builds into an empty cache
         assert fresh[0] == "True" and list((tmp_path / "fresh" / "sd_mlx" / "native").glob("cpu_attention-*.so"))
         assert abs(fresh[2] - off[2]) <= 1e-4 * max(1.0, abs(off[2]))
+        launcher = _probe(tmp_path / "launcher", CXX="env g++")  # $CXX with a launcher word, like "ccache g++"
+        assert launcher[0] == "True", launcher[1]
     assert abs(broken[2] - off[2]) <= 1e-6 * max(1.0, abs(off[2]))

@@ -606,24 +606,33 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
         ``(B, L, heads * d)`` in ``q``'s dtype: ``softmax(q k^T / sqrt(d)) v`` per head, the softmax in float32
         whatever the input dtype (which covers diffusers' ``upcast_attention`` and ``upcast_softmax``). On a GPU
         this is ``mx.fast.scaled_dot_product_attention``. On the CPU it is the fused multi-threaded kernel of
-        :mod:`sd_mlx.cpu_attention` (which evaluates its inputs), or where that is unavailable a chunked float32
-        path that bounds the score buffers to a few MB (see ``_attention_cpu``).
+        :mod:`sd_mlx.cpu_attention` (which evaluates its inputs; its derivatives, and its value inside
+        ``mx.compile`` / ``mx.vmap``, come from the MLX path), or where that is unavailable a chunked float32 path
+        that bounds the score buffers to a few MB (see ``_attention_cpu``). With ``L = 0`` or ``S = 0`` the
+        result is zeros.
     """
     b, lq, inner = q.shape
     s = k.shape[1]
     d = inner // heads
+    if lq == 0 or s == 0:  # no queries, or nothing to attend to: an all-zero (possibly empty) result
+        return mx.zeros((b, lq, inner), q.dtype)
     if mx.default_device() == mx.cpu:
-        o = fused_attention(q, k, v, heads)
-        if o is not None:
-            return o.astype(q.dtype)
-    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    k = k.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
-    v = v.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
-    if mx.default_device() == mx.cpu:
-        o = _attention_cpu(q, k, v, d ** -0.5).astype(q.dtype)
-    else:
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+        o = fused_attention(q, k, v, heads, _attention_cpu_tokens)
+        if o is None:
+            o = _attention_cpu_tokens(q, k, v, heads)
+        return o.astype(q.dtype)
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(0, 2, 1, 3) for t in (q, k, v))
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
     return o.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def _attention_cpu_tokens(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    # _attention_cpu on token-major (B, L, heads * d) projections; float32 out. The fused CPU kernel's reference
+    # (its derivatives, and its value inside mx.compile / mx.vmap) and its fallback.
+    b, lq, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(0, 2, 1, 3) for t in (q, k, v))
+    return _attention_cpu(q, k, v, d ** -0.5).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 class Attention(nn.Module):
