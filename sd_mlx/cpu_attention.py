@@ -149,6 +149,14 @@ def fused_attention_status() -> FusedAttentionStatus:
     return _load()[1]
 
 
+def fused_attention_status_on_cpu() -> FusedAttentionStatus | None:
+    """:func:`fused_attention_status` when MLX computes on the CPU (the only place the kernel is used), else
+    ``None``. Never raises."""
+    if mx.default_device() != mx.cpu:
+        return None
+    return fused_attention_status()
+
+
 def _threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 # sd_mlx must be imported before mlx (it loads a fast BLAS on Linux first).
 import sd_mlx
 
-from .cpu_attention import FusedAttentionStatus, fused_attention_status  # noqa: E402
+from .cpu_attention import fused_attention_status_on_cpu  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The SD 1.5 weights on the Hugging Face Hub (the original runwayml repo was taken down in 2024)."""
@@ -110,15 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="print the BLAS and CPU attention used, the memory estimate, per-phase time and peak memory")
     return p
-
-
-def _fused_attention_on_cpu() -> FusedAttentionStatus | None:
-    """Status of the fused CPU attention when MLX computes on the CPU (building it now if needed), else ``None``."""
-    import mlx.core as mx
-
-    if mx.default_device() != mx.cpu:
-        return None
-    return fused_attention_status()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +204,7 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
 
         if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
             print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)
-    fused = _fused_attention_on_cpu()
+    fused = fused_attention_status_on_cpu()
     if fused is not None and not fused.available and not fused.turned_off:
         print(f"warning: attention runs on MLX's single-threaded CPU path (about 4x slower): {fused.reason}",
               file=sys.stderr)

@@ -101,13 +101,13 @@ def test_warns_when_cpu_attention_is_unavailable(tiny_sd1, tmp_path, monkeypatch
     from sd_mlx.cpu_attention import FusedAttentionStatus
 
     off = FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found")
-    monkeypatch.setattr(txt2img, "_fused_attention_on_cpu", lambda: off)
+    monkeypatch.setattr(txt2img, "fused_attention_status_on_cpu", lambda: off)
     code, _, stderr = _run(["a cat", "--model", tiny_sd1, "--seed", 1, "--output", tmp_path / "c.png", *SIZE], capsys)
     assert code == 0, stderr
     assert "warning: attention runs on MLX's single-threaded CPU path" in stderr and "no C++ compiler" in stderr
     assert stderr.index("warning: attention") < stderr.index("denoising")
     turned_off = FusedAttentionStatus(False, None, "SD_MLX_FUSED_ATTENTION=0: MLX's attention operations", True)
-    monkeypatch.setattr(txt2img, "_fused_attention_on_cpu", lambda: turned_off)
+    monkeypatch.setattr(txt2img, "fused_attention_status_on_cpu", lambda: turned_off)
     code, _, stderr = _run(["a cat", "--model", tiny_sd1, "--seed", 1, "--output", tmp_path / "d.png", *SIZE], capsys)
     assert code == 0 and "warning: attention" not in stderr  # turned off on purpose: nothing to warn about
 

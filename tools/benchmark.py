@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -214,22 +215,13 @@ def _machine() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- workers
 
-def _cpu_attention_info(backend: str) -> dict[str, Any] | None:
-    """The fused CPU attention's status as JSON (``None`` off the CPU, where it is not used)."""
-    if backend != "cpu":
-        return None
-    from sd_mlx.cpu_attention import fused_attention_status
-
-    st = fused_attention_status()
-    return {"available": st.available, "library": st.library, "reason": st.reason}
-
-
 def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     import sd_mlx  # first: loads the optimised BLAS for MLX's CPU backend before mlx is imported
 
     import mlx.core as mx
     import numpy as np
     from sd_mlx.blas import blas_status_for_backend
+    from sd_mlx.cpu_attention import fused_attention_status_on_cpu
 
     rss_import = peak_rss_bytes()
     if a.mlx_device == "cpu":
@@ -248,6 +240,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
             except AttributeError:
                 continue
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
+    attention = fused_attention_status_on_cpu()
     batch = a.batch_size
 
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype)
@@ -289,7 +282,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
         "blas_status_at_import": {"fast": sd_mlx.BLAS_STATUS.fast, "library": sd_mlx.BLAS_STATUS.library,
                                   "reason": sd_mlx.BLAS_STATUS.reason},
-        "cpu_attention": _cpu_attention_info(backend),
+        "cpu_attention": dataclasses.asdict(attention) if attention else None,
         "versions": {"sd_mlx": sd_mlx.__version__, "mlx": mx.__version__, "numpy": np.__version__},
     }
 

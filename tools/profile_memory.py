@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -112,21 +113,13 @@ def _call(pipe: Any, a: argparse.Namespace, *, tiled: str | None, release: bool)
     return out, time.perf_counter() - t0
 
 
-def _cpu_attention_info() -> dict[str, Any] | None:
-    """The fused CPU attention's status as JSON (``None`` when MLX is not on the CPU, where it is not used)."""
-    from sd_mlx.cpu_attention import fused_attention_status
-
-    if mx.default_device() != mx.cpu:
-        return None
-    st = fused_attention_status()
-    return {"available": st.available, "library": st.library, "reason": st.reason}
-
-
 def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
     """Run the measured call (and the PSNR reference when asked) and return the JSON-ready report."""
     from sd_mlx.blas import blas_status_for_backend
+    from sd_mlx.cpu_attention import fused_attention_status_on_cpu
 
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
+    attention = fused_attention_status_on_cpu()
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype, vae=a.vae, quantize=a.quantize,
                                 quantize_group_size=a.group_size,
                                 quantize_convolutions=not a.quantize_linear_only)
@@ -148,7 +141,7 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
         "tiled_decode": tiled_state,
         "device": _device_name(),
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
-        "cpu_attention": _cpu_attention_info(),
+        "cpu_attention": dataclasses.asdict(attention) if attention else None,
         "mlx_version": mx.__version__,
         "phases": phases,
         "peak_memory": prof.peak_memory,

@@ -120,23 +120,31 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None, *,
     Returns:
         ``(B, H, W, O)`` (``(B, H - 2, W, O)`` without ``pad_rows``) in the promoted dtype of ``x`` and ``weight``.
     """
+    b, _, w, _ = x.shape
+    xf, h, wp = _flat_padded(x, pad_rows)
+    out = _shifted_products(xf, h * wp, [(dy * wp + dx, weight[:, dy, dx, :].T) for dy in range(3) for dx in range(3)])
+    out = out.reshape(b, h, wp, weight.shape[0])[:, :, :w]
+    return out + bias if bias is not None else out
+
+
+def _flat_padded(x: mx.array, pad_rows: bool) -> tuple[mx.array, int, int]:
+    # x (B, H, W, C) zero-padded by one column each side, one row above and below (unless it already carries its
+    # halo rows: pad_rows=False) and one spare row at the bottom (the last tap's run ends two values past the last
+    # halo row), flattened per image to (B, rows * (W + 2), C). Returns it, the output rows and W + 2.
     b, h, w, c = x.shape
-    o = weight.shape[0]
-    wp = w + 2
     top = 1 if pad_rows else 0
     h = h if pad_rows else h - 2
-    # one spare zero row at the bottom: the last tap's run ends two values past the last halo row
-    xf = mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
-    n = h * wp
+    return mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * (w + 2), c), h, w + 2
+
+
+def _shifted_products(xf: mx.array, n: int, taps: list[tuple[int, mx.array]]) -> mx.array:
+    # sum over (start, kernel (C, O)) of xf[:, start:start + n] @ kernel: views of the flattened input, no copies,
+    # accumulated with addmm
     out = None
-    for dy in range(3):
-        for dx in range(3):
-            start = dy * wp + dx
-            tap = weight[:, dy, dx, :].T
-            part = xf[:, start:start + n]
-            out = part @ tap if out is None else mx.addmm(out, part, tap)
-    out = out.reshape(b, h, wp, o)[:, :, :w]
-    return out + bias if bias is not None else out
+    for start, kernel in taps:
+        part = xf[:, start:start + n]
+        out = part @ kernel if out is None else mx.addmm(out, part, kernel)
+    return out
 
 
 def _upsample2x_kernels(weight: mx.array) -> dict[tuple[int, int], mx.array]:
@@ -178,23 +186,17 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = No
     Returns:
         ``(B, 2H, 2W, O)`` (``(B, 2(H - 2), 2W, O)`` without ``pad_rows``) in the promoted dtype.
     """
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     o = weight.shape[0]
     kernels = _upsample2x_kernels(weight.astype(mx.result_type(weight, x)))
     top = 1 if pad_rows else 0
     h = h if pad_rows else h - 2
     if taps:
-        wp = w + 2
-        xf = mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
-        n = h * wp
+        xf, _, wp = _flat_padded(x, pad_rows)
 
         def parity(a: int, p: int) -> mx.array:
-            out = None
-            for ty in range(2):
-                for tx in range(2):
-                    start = (a + ty) * wp + p + tx
-                    part, tap = xf[:, start:start + n], kernels[a, p][:, ty, tx, :].T
-                    out = part @ tap if out is None else mx.addmm(out, part, tap)
+            out = _shifted_products(xf, h * wp, [((a + ty) * wp + p + tx, kernels[a, p][:, ty, tx, :].T)
+                                                  for ty in range(2) for tx in range(2)])
             return out.reshape(b, h, wp, o)[:, :, :w]
     else:
         xp = mx.pad(x, [(0, 0), (top, top), (1, 1), (0, 0)])
