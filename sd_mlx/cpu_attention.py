@@ -7,8 +7,7 @@ maximum and denominator (the "online softmax" of Milakov & Gimelshein 2018, as b
 al. 2022), keeps each score block in cache and spreads (batch, head, query block) items over all cores:
 0.34-0.38 s for that call, same values to float32 rounding (about 1e-6 relative against a float64 reference).
 
-The library is built once per source, compiler and CPU with ``g++ -O3 -march=native -fno-math-errno`` (``$CXX``
-when set) into ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes``. Where no
+The library is built once per source, compiler and CPU by :mod:`sd_mlx.native` and loaded with ``ctypes``. Where no
 compiler is found, the build fails or ``SD_MLX_FUSED_ATTENTION=0`` is set, :func:`fused_attention` returns
 ``None`` and the caller uses MLX's own operations; :func:`fused_attention_status` says which and why (the CLI
 prints it with ``--verbose`` and warns when it is off on a CPU). The caller's MLX version also gives the
@@ -24,22 +23,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shlex
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
-_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
+from . import native
+
+SOURCE = native.CSRC / "cpu_attention.cpp"
 _ENV = "SD_MLX_FUSED_ATTENTION"
 
 
@@ -60,82 +53,15 @@ class FusedAttentionStatus:
     turned_off: bool = False
 
 
-def _compiler() -> list[str] | None:
-    """The compiler command: ``$CXX`` (which may carry a launcher or flags, e.g. ``ccache g++``), else the first
-    of g++, c++, clang++ on ``PATH``; ``None`` when there is none."""
-    try:
-        cxx = shlex.split(os.environ.get("CXX", ""))
-    except ValueError:  # unbalanced quotes
-        return None
-    if cxx:
-        found = shutil.which(cxx[0]) or (cxx[0] if os.path.isfile(cxx[0]) else None)
-        return [found, *cxx[1:]] if found else None
-    for name in ("g++", "c++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    return None
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sd_mlx" / "native"
-
-
-def _cpu_signature() -> str:
-    # -march=native code must not be reused on another CPU sharing the cache (a home folder on a cluster).
-    sig = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features", "model name")):
-                    sig += line
-    except OSError:
-        pass
-    return sig
-
-
-def _build(cxx: list[str]) -> Path:
-    """Compile the kernel into the cache (once per source, flags, compiler and CPU); return the library's path.
-
-    Raises:
-        RuntimeError: the compiler failed (its last output lines are in the message).
-        OSError: the cache folder cannot be written.
-    """
-    source = SOURCE.read_bytes()
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(cxx + list(_FLAGS)).encode(), version.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
-    lib = folder / f"cpu_attention-{key}.so"
-    if lib.is_file():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([*cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise RuntimeError(f"{' '.join(cxx)} failed ({done.returncode}): {tail}")
-        os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
-        os.replace(tmp, lib)  # atomic: concurrent builders each install a complete file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, FusedAttentionStatus]:
-    if os.environ.get(_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    if native.turned_off(_ENV):
         return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations", turned_off=True)
-    cxx = _compiler()
+    cxx = native.compiler()
     if cxx is None:
-        return None, FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found; "
-                                                       "install one (Debian/Ubuntu: `apt-get install g++`)")
+        return None, FusedAttentionStatus(False, None, native.NO_COMPILER)
     try:
-        path = _build(cxx)
+        path = native.build_library(SOURCE, cxx)
         fn = ctypes.CDLL(str(path)).sd_mlx_attention_f32
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return None, FusedAttentionStatus(False, None, f"could not build the fused CPU attention: {e}")
@@ -155,13 +81,6 @@ def fused_attention_status_on_cpu() -> FusedAttentionStatus | None:
     if mx.default_device() != mx.cpu:
         return None
     return fused_attention_status()
-
-
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 AttentionFn = Callable[[mx.array, mx.array, mx.array, int], mx.array]
@@ -232,7 +151,7 @@ def _run_kernel(fn: Callable, q: mx.array, k: mx.array, v: mx.array, heads: int)
     d = inner // heads
     out = np.empty((b, lq, inner), np.float32)
     rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, b, lq, s, heads, d, inner, inner, inner,
-            d ** -0.5, _threads())
+            d ** -0.5, native.cpu_threads())
     if rc == 2:
         raise MemoryError(f"fused CPU attention: could not allocate working buffers for q {q.shape}, k {k.shape}")
     if rc != 0:

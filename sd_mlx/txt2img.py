@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import sd_mlx
 
 from .cpu_attention import fused_attention_status_on_cpu  # noqa: E402
+from .cpu_winograd import winograd_status_on_cpu  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The SD 1.5 weights on the Hugging Face Hub (the original runwayml repo was taken down in 2024)."""
@@ -212,6 +213,9 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
         print(f"BLAS: {sd_mlx.BLAS_STATUS.reason}", file=sys.stderr)
         if fused is not None:
             print(f"attention: {fused.reason}", file=sys.stderr)
+        winograd = winograd_status_on_cpu()
+        if winograd is not None:
+            print(f"convolutions: {winograd.reason}", file=sys.stderr)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd_mlx import cpu_attention
+from sd_mlx import cpu_attention, native
 from sd_mlx.models import layers
 
 STATUS = cpu_attention.fused_attention_status()
@@ -153,10 +153,10 @@ def test_derivatives_are_those_of_the_mlx_path():
 @needs_kernel
 def test_library_is_cached_by_content():
     """The library is built once: a second build returns the same file, untouched."""
-    path = cpu_attention._build(cpu_attention._compiler())
+    path = native.build_library(cpu_attention.SOURCE, native.compiler())
     assert str(path) == STATUS.library
     before = os.stat(path).st_mtime_ns
-    assert cpu_attention._build(cpu_attention._compiler()) == path and os.stat(path).st_mtime_ns == before
+    assert native.build_library(cpu_attention.SOURCE, native.compiler()) == path and os.stat(path).st_mtime_ns == before
     assert os.stat(path).st_mode & 0o055 == 0o055  # readable by others sharing the cache
 
 

@@ -222,6 +222,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from sd_mlx.blas import blas_status_for_backend
     from sd_mlx.cpu_attention import fused_attention_status_on_cpu
+    from sd_mlx.cpu_winograd import winograd_status_on_cpu
 
     rss_import = peak_rss_bytes()
     if a.mlx_device == "cpu":
@@ -241,6 +242,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
                 continue
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
     attention = fused_attention_status_on_cpu()
+    winograd = winograd_status_on_cpu()
     batch = a.batch_size
 
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype)
@@ -283,6 +285,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
         "blas_status_at_import": {"fast": sd_mlx.BLAS_STATUS.fast, "library": sd_mlx.BLAS_STATUS.library,
                                   "reason": sd_mlx.BLAS_STATUS.reason},
         "cpu_attention": dataclasses.asdict(attention) if attention else None,
+        "cpu_winograd": dataclasses.asdict(winograd) if winograd else None,
         "versions": {"sd_mlx": sd_mlx.__version__, "mlx": mx.__version__, "numpy": np.__version__},
     }
 
@@ -425,7 +428,7 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any]:
     out["peak_rss_bytes"] = peak_rss_bytes()
     for k in ("peak_rss_after_import_bytes", "peak_accel_bytes", "peak_accel_kind", "versions", "runs"):
         out[k] = res[k]
-    for k in ("blas_status", "blas_status_at_import", "cpu_attention", "torch_threads"):
+    for k in ("blas_status", "blas_status_at_import", "cpu_attention", "cpu_winograd", "torch_threads"):
         if k in res:
             out[k] = res[k]
     return out
@@ -510,7 +513,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         b = mi["blas_status"]
         lines.append(f"- sd_mlx {mi['versions']['sd_mlx']}, MLX {mi['versions']['mlx']} on {mi['device']}; "
                      f"BLAS: {'fast' if b['fast'] else 'SLOW (reference BLAS)'} ({b['reason']})"
-                     + (f"; attention: {mi['cpu_attention']['reason']}" if mi.get("cpu_attention") else ""))
+                     + (f"; attention: {mi['cpu_attention']['reason']}" if mi.get("cpu_attention") else "")
+                     + (f"; convolutions: {mi['cpu_winograd']['reason']}" if mi.get("cpu_winograd") else ""))
     ti = _engine_info(results, "torch")
     if ti:
         lines.append(f"- diffusers {ti['versions']['diffusers']}, torch {ti['versions']['torch']} on {ti['device']}, "

@@ -1,0 +1,113 @@
+"""Building and loading sd_mlx's C++ CPU kernels (``sd_mlx/csrc``) at first use.
+
+Each kernel source is compiled once per source, flags, compiler and CPU with ``g++ -O3 -march=native
+-fno-math-errno`` (``$CXX`` when set, which may carry a launcher such as ``ccache g++``) into
+``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes`` by the module that uses it
+(:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`). The install is atomic (concurrent builders each
+install a complete file) and the library is world-readable (a cache shared by several users). The cache key
+includes the CPU's flags: ``-march=native`` code must not be reused on another CPU sharing a home folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
+
+
+def compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` (split like a shell would, so it may carry a launcher or flags), else the
+    first of g++, c++, clang++ on ``PATH``; ``None`` when there is none."""
+    try:
+        cxx = shlex.split(os.environ.get("CXX", ""))
+    except ValueError:  # unbalanced quotes
+        return None
+    if cxx:
+        found = shutil.which(cxx[0]) or (cxx[0] if os.path.isfile(cxx[0]) else None)
+        return [found, *cxx[1:]] if found else None
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sd_mlx/native``, default ``~/.cache/sd_mlx/native``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sd_mlx" / "native"
+
+
+def _cpu_signature() -> str:
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+    except OSError:
+        pass
+    return sig
+
+
+def build_library(source: Path, cxx: list[str], libs: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` into the cache (once per source, flags, compiler and CPU); return the library's path.
+
+    Args:
+        source: a ``.cpp`` file of ``sd_mlx/csrc``.
+        cxx: the compiler command (:func:`compiler`).
+        libs: extra link flags (e.g. ``("-ldl",)``).
+
+    Raises:
+        RuntimeError: the compiler failed (its last output lines are in the message).
+        OSError: the cache folder cannot be written.
+        subprocess.SubprocessError: the compiler timed out.
+    """
+    text = source.read_bytes()
+    flags = [*FLAGS, *libs]
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([text, " ".join(cxx + flags).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    lib = folder / f"{source.stem}-{key}.so"
+    if lib.is_file():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([*cxx, *FLAGS, str(source), "-o", tmp, *libs], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"{' '.join(cxx)} failed ({done.returncode}): {tail}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache may load it
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+NO_COMPILER = "no C++ compiler (g++, c++, clang++ or $CXX) found; install one (Debian/Ubuntu: `apt-get install g++`)"
+
+
+def turned_off(env: str) -> bool:
+    """True when the environment variable ``env`` is set to 0, off, false or no."""
+    return os.environ.get(env, "1").strip().lower() in ("0", "off", "false", "no")
