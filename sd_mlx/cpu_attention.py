@@ -132,7 +132,9 @@ def _differentiable(heads: int, reference: AttentionFn) -> Callable:
 
     @attend.jvp
     def attend_jvp(primals: tuple[mx.array, ...], tangents: tuple[mx.array, ...]) -> list[mx.array]:
-        return mx.jvp(lambda q, k, v: reference(q, k, v, heads), list(primals), list(tangents))[1]
+        # MLX passes None for inputs not differentiated (e.g. k and v of a jvp in q only)
+        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        return mx.jvp(lambda q, k, v: reference(q, k, v, heads), list(primals), tangents)[1]
 
     return attend
 

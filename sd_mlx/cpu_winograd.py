@@ -1,18 +1,35 @@
-"""3x3 convolutions by Winograd's F(2x2, 3x3) on MLX's CPU backend, compiled from C++ at first use.
+"""3x3 convolutions by Winograd's minimal filtering on MLX's CPU backend, compiled from C++ at first use.
 
 A stride-1 3x3 convolution with ``C`` input and ``O`` output channels costs ``9 C O`` multiply-adds per output
-pixel; F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016) computes each
-2x2 output tile from its 4x4 input tile with ``16 C O`` (2.25x fewer), as 16 independent matrix products between
-transformed input tiles and transformed kernels, plus cheap additions before and after.
+pixel. Winograd's F(m x m, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016)
+computes each ``m x m`` output tile from its ``(m+2) x (m+2)`` input tile with ``(m+2)^2 C O``: F(2x2, 3x3) 16
+instead of 36 (2.25x fewer), F(4x4, 3x3) 36 instead of 144 (4x fewer), as ``(m+2)^2`` independent matrix products
+between transformed input tiles and transformed kernels, plus additions before and after.
 ``csrc/cpu_winograd.cpp`` does the transforms on all cores and the products with the optimised BLAS that
-:mod:`sd_mlx.blas` loads for MLX (``cblas_sgemm``, looked up in the process's global scope). Measured on a 2-core
-x86 CPU with OpenBLAS, batch 2, 64x64x320 -> 320 channels: 57 ms against 127 ms for :func:`conv3x3_taps
-<sd_mlx.models.layers.conv3x3_taps>` (262 against 119 GFLOP/s of direct-convolution work); 32x32x640 -> 640:
-68 against 116-134 ms; 16x16x1280 -> 1280: 65 against 106 ms.
+:mod:`sd_mlx.blas` loads for MLX (``cblas_sgemm``, looked up in the process's global scope). :func:`tile_size`
+picks F(4x4) from 32x32 outputs and F(2x2) below, where F(4x4)'s matrix products get too short. Measured on a
+2-core x86 CPU with OpenBLAS, batch 2 (ms; GFLOP/s of direct-convolution work in brackets):
 
-Numerics: the transforms use only 0, +-1 and +-1/2, so the results agree with a direct convolution to float32
-rounding (about 5e-7 of the output's largest value on random data). Inputs of other dtypes are computed in float32
-and the result cast to the promoted dtype of input and kernel.
+=========================  ==========  ==========  =======================================
+convolution                F(4x4)      F(2x2)      MLX path (taps or ``mx.conv2d``)
+=========================  ==========  ==========  =======================================
+64x64, 320 -> 320          55 (272)    79 (192)    127-133 (taps, 113-119)
+64x64, 960 -> 320          140 (324)   200 (226)   379-390 (taps / conv2d, 116-119)
+32x32, 640 -> 640          46 (329)    52 (291)    116-134 (112-131)
+16x16, 1280 -> 1280        94 (160)    82 (185)    106 (conv2d, 142)
+=========================  ==========  ==========  =======================================
+
+Whole SD1.5 U-Net call (batch 2, 64x64 latents) in one process, alternating: 14.3 s with MLX's convolutions,
+12.2 s with F(2x2) only, 11.5 s with F(4x4) from 32x32.
+
+Numerics: F(2x2) uses only 0, +-1 and +-1/2 and agrees with a direct convolution to float32 rounding (about 6e-7
+of the output's largest value at 320 channels on random data); F(4x4) (interpolation points 0, +-1, +-2) about
+1.2e-5. The full-size SD1.5 U-Net against diffusers: max abs error 1.05e-5 with F(4x4), 5.5e-6 with F(2x2), 6.6e-6
+with MLX's convolutions (outputs of std 0.32). Inputs of other dtypes are computed in float32 and the result cast
+to the promoted dtype of input, kernel and bias. Non-finite and huge values: an Inf input gives NaN over the output
+tiles it reaches (2x2 or 4x4 pixels; a direct convolution gives Inf there), and F(4x4)'s transforms scale values
+by up to about 25, so inputs within that factor of float32's range (3e38) can overflow where a direct convolution
+does not. Either way the result is non-finite, which the pipeline reports.
 
 The library is built by :mod:`sd_mlx.native` and loaded with ``ctypes``. Where no compiler is found, the build
 fails, no optimised BLAS is loaded (the reference BLAS MLX bundles on Linux is not in the global scope), or
@@ -20,8 +37,9 @@ fails, no optimised BLAS is loaded (the reference BLAS MLX bundles on Linux is n
 :func:`winograd_status` says which and why. As with :mod:`sd_mlx.cpu_attention`, the kernel evaluates its inputs
 (``mx.eval``), its derivatives are those of the caller's MLX reference (``mx.custom_function``), and inside
 ``mx.compile`` or ``mx.vmap``, where inputs cannot be evaluated, the reference gives the value. Its working
-buffers (at most about 2 x 64 MB: transformed inputs; transformed kernels and products, in chunks) are outside
-MLX's allocator and not in ``mx.get_peak_memory``.
+buffers (about 2 x 64 MB at most, a little more for very narrow layers: transformed inputs; transformed kernels
+and products, in chunks) and the float32 output it fills before MLX copies it are outside MLX's allocator and not
+in ``mx.get_peak_memory``.
 """
 
 from __future__ import annotations
@@ -40,9 +58,9 @@ from . import native
 SOURCE = native.CSRC / "cpu_winograd.cpp"
 _ENV = "SD_MLX_WINOGRAD"
 WORK_BUDGET_BYTES = 64 * 2**20
+"""Bytes for each of the kernel's two working areas (transformed inputs; transformed kernels and products)."""
 F4_MIN_PIXELS = 1024
 """Output pixels per image from which F(4x4, 3x3) is used instead of F(2x2, 3x3) (see :func:`tile_size`)."""
-"""Bytes for each of the kernel's two working areas (transformed inputs; transformed kernels and products)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,7 @@ def _load() -> tuple[Callable | None, WinogradStatus]:
         return None, WinogradStatus(False, str(path), "no optimised BLAS (cblas_sgemm) loaded: MLX's convolutions")
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_long, ctypes.c_int]
-    return fn, WinogradStatus(True, str(path), f"Winograd F(2x2, 3x3) CPU convolutions: {path}")
+    return fn, WinogradStatus(True, str(path), f"Winograd F(4x4) and F(2x2) 3x3 CPU convolutions: {path}")
 
 
 def winograd_status() -> WinogradStatus:
@@ -111,7 +129,8 @@ ConvFn = Callable[..., mx.array]
 def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, reference: ConvFn, *,
                      pad_rows: bool = True) -> mx.array | None:
     """Stride-1 3x3 convolution with one zero column each side (and one zero row above and below with
-    ``pad_rows``) by Winograd F(2x2, 3x3) on the CPU, or ``None`` when the kernel cannot run.
+    ``pad_rows``) by Winograd F(4x4, 3x3) or F(2x2, 3x3) (:func:`tile_size` of the output) on the CPU, or ``None``
+    when the kernel cannot run.
 
     Args:
         x: ``(B, H, W, C)``, any float dtype (computed in float32).
@@ -124,9 +143,10 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, refer
             input): the output then has ``H - 2`` rows.
 
     Returns:
-        ``(B, H, W, O)`` (``(B, H - 2, W, O)`` without ``pad_rows``) in the promoted dtype of ``x`` and
-        ``weight``; ``None`` when the kernel is unavailable (see :func:`winograd_status`) or an input is empty.
-        Matches ``torch.nn.functional.conv2d(..., padding=1)`` to float32 rounding.
+        ``(B, H, W, O)`` (``(B, H - 2, W, O)`` without ``pad_rows``) in the promoted dtype of ``x``, ``weight``
+        and ``bias``; ``None`` when the kernel is unavailable (see :func:`winograd_status`) or an input is empty.
+        Matches ``torch.nn.functional.conv2d(..., padding=1)`` to float32 rounding with F(2x2), to about 1e-5 of
+        the largest output with F(4x4) (see the module's notes, also on non-finite and huge inputs).
 
     Raises:
         ValueError: ``x`` is not 4-D, ``weight`` is not ``(O, 3, 3, C)`` or ``bias`` not ``(O,)``.
@@ -139,7 +159,7 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, refer
     fn = _load()[0]
     if fn is None or 0 in x.shape or 0 in weight.shape or x.shape[1] - (0 if pad_rows else 2) < 1:
         return None
-    dtype = mx.result_type(x, weight)
+    dtype = mx.result_type(x, weight) if bias is None else mx.result_type(x, weight, bias)
     if bias is None:
         return _differentiable(reference, pad_rows, False, dtype)(x, weight)
     return _differentiable(reference, pad_rows, True, dtype)(x, weight, bias)
@@ -170,7 +190,9 @@ def _differentiable(reference: ConvFn, pad_rows: bool, has_bias: bool, dtype: mx
 
     @conv.jvp
     def conv_jvp(primals: tuple[mx.array, ...], tangents: tuple[mx.array, ...]) -> list[mx.array]:
-        return mx.jvp(ref, list(primals), list(tangents))[1]
+        # MLX passes None for inputs not differentiated (e.g. a layer's weight and bias in a jvp in x only)
+        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        return mx.jvp(ref, list(primals), tangents)[1]
 
     return conv
 

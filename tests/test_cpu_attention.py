@@ -191,3 +191,14 @@ def test_fallbacks_keep_working(tmp_path):
         launcher = _probe(tmp_path / "launcher", CXX="env g++")  # $CXX with a launcher word, like "ccache g++"
         assert launcher[0] == "True", launcher[1]
     assert abs(broken[2] - off[2]) <= 1e-6 * max(1.0, abs(off[2]))
+
+
+@needs_kernel
+def test_jvp_in_q_only():
+    """A jvp in q alone (k and v constant, as for cross-attention's context): MLX passes no tangent for k and v."""
+    q, k, v = (mx.array(t) for t in _inputs(1, 40, 30, 2, 8))
+    tangent = mx.ones_like(q)
+    jf = mx.jvp(lambda q: layers.attention(q, k, v, 2), [q], [tangent])[1][0]
+    jp = mx.jvp(lambda q: REF(q, k, v, 2), [q], [tangent])[1][0]
+    assert float(mx.abs(jp).max()) > 1e-3
+    np.testing.assert_allclose(np.array(jf), np.array(jp), rtol=0, atol=1e-5)

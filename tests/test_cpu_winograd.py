@@ -1,4 +1,4 @@
-"""The Winograd F(2x2, 3x3) CPU convolution (sd_mlx/csrc/cpu_winograd.cpp): values against a float64 direct
+"""The Winograd F(2x2, 3x3) and F(4x4, 3x3) CPU convolutions (sd_mlx/csrc/cpu_winograd.cpp): values against a float64 direct
 convolution, every edge case of its tiling, chunking and slicing, its derivatives, the layer paths that use it, and
 each way it falls back to MLX's operations."""
 
@@ -228,3 +228,25 @@ def test_fallbacks_keep_working(tmp_path):
         fresh = _probe(tmp_path / "fresh")  # builds into an empty cache
         assert fresh[0] == "True" and list((tmp_path / "fresh" / "sd_mlx" / "native").glob("cpu_winograd-*.so"))
         assert abs(fresh[2] - off[2]) <= 1e-4 * max(1.0, abs(off[2]))
+
+
+@needs_kernel
+def test_jvp_in_the_input_only_through_a_layer():
+    """A jvp in x alone: MLX passes no tangent for the layer's weight and bias (a regression found by review)."""
+    rng = np.random.default_rng(9)
+    conv = layers.Conv2d(16, 16, kernel_size=3, padding=1, taps=True)
+    conv.weight = mx.array((rng.standard_normal((16, 3, 3, 16)) * 0.1).astype(np.float32))
+    x = mx.array(rng.standard_normal((1, 32, 32, 16)).astype(np.float32))
+    tangent = mx.array(rng.standard_normal(x.shape).astype(np.float32))
+    _, (jf,) = mx.jvp(conv, [x], [tangent])
+    expect = mx.conv2d(tangent, conv.weight, padding=1)  # linear in x: the jvp is the convolution of the tangent
+    np.testing.assert_allclose(np.array(jf), np.array(expect), rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_output_dtype_promotes_with_the_bias():
+    """float16 input and kernel with a float32 bias give float32, as mx.conv2d(...) + bias does."""
+    x, k, bias = _inputs(1, 16, 16, 16, 16, seed=10)
+    got = cpu_winograd.winograd_conv3x3(mx.array(x).astype(mx.float16), mx.array(k).astype(mx.float16),
+                                        mx.array(bias), REF)
+    assert got.dtype == mx.float32

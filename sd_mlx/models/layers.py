@@ -223,7 +223,9 @@ def apply_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, *, stride
                  padding: tuple[int, int], dilation: int | tuple[int, int] = 1, groups: int = 1, taps: bool = False,
                  strips: bool = False, upsample2x: bool = False) -> mx.array:
     """``mx.conv2d(x, weight, ...) + bias`` with the two CPU/memory-aware paths of :class:`Conv2d` for stride-1,
-    padding-1 3x3 convolutions (``taps``, ``strips``; see there). Shared by :class:`Conv2d` and
+    padding-1 3x3 convolutions (``taps``, ``strips``; see there). With either flag, on the CPU, a convolution above
+    :data:`CPU_WINOGRAD_MIN_PIXELS` and :data:`CPU_WINOGRAD_MIN_CHANNELS` that needs no strips runs through
+    :func:`sd_mlx.cpu_winograd.winograd_conv3x3` when that kernel is available. Shared by :class:`Conv2d` and
     ``sd_mlx.quantization.QuantizedConv2d``.
 
     Args:
@@ -288,8 +290,9 @@ def conv3x3_strips(x: mx.array, weight: mx.array, bias: mx.array | None, *, rows
     ``conv(prologue(x))`` exactly while ``prologue(x)`` never exists whole. ``epilogue(y, start, stop)`` maps the
     strip's output rows ``[start, stop)`` (e.g. adds the matching rows of a residual). Working memory: the output
     plus one strip's buffers (the output is updated in place: MLX donates its buffer to each slice update).
-    On the CPU each strip is computed by :func:`conv3x3_taps` (or :func:`upsample2x_conv3x3` with taps), elsewhere
-    by ``mx.conv2d``.
+    On the CPU each strip is computed by :func:`sd_mlx.cpu_winograd.winograd_conv3x3` (above the Winograd
+    thresholds, when available; an x2 strip is upsampled first), else by :func:`conv3x3_taps` (or
+    :func:`upsample2x_conv3x3` with taps); elsewhere by ``mx.conv2d``.
 
     Args:
         x: ``(B, H, W, C)``.
