@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,16 +54,16 @@ class FusedAttentionStatus:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, FusedAttentionStatus]:
-    if native.turned_off(_ENV):
+    kernel = native.load_kernel(SOURCE, _ENV, "the fused CPU attention")
+    if kernel.turned_off:
         return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations", turned_off=True)
-    cxx = native.compiler()
-    if cxx is None:
-        return None, FusedAttentionStatus(False, None, native.NO_COMPILER)
+    if kernel.library is None:
+        return None, FusedAttentionStatus(False, None, kernel.problem)
+    path = kernel.path
     try:
-        path = native.build_library(SOURCE, cxx)
-        fn = ctypes.CDLL(str(path)).sd_mlx_attention_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        return None, FusedAttentionStatus(False, None, f"could not build the fused CPU attention: {e}")
+        fn = kernel.library.sd_mlx_attention_f32
+    except AttributeError as e:
+        return None, FusedAttentionStatus(False, None, f"could not load the fused CPU attention: {e}")
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
     return fn, FusedAttentionStatus(True, str(path), f"fused CPU attention: {path}")

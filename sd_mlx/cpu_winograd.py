@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,17 +81,16 @@ class WinogradStatus:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, WinogradStatus]:
-    if native.turned_off(_ENV):
+    kernel = native.load_kernel(SOURCE, _ENV, "the Winograd CPU convolution", ("-ldl",))
+    if kernel.turned_off:
         return None, WinogradStatus(False, None, f"{_ENV}=0: MLX's convolutions", turned_off=True)
-    cxx = native.compiler()
-    if cxx is None:
-        return None, WinogradStatus(False, None, native.NO_COMPILER)
+    if kernel.library is None:
+        return None, WinogradStatus(False, None, kernel.problem)
+    path = kernel.path
     try:
-        path = native.build_library(SOURCE, cxx, ("-ldl",))
-        lib = ctypes.CDLL(str(path))
-        fn, ready = lib.sd_mlx_winograd_f32, lib.sd_mlx_winograd_ready
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        return None, WinogradStatus(False, None, f"could not build the Winograd CPU convolution: {e}")
+        fn, ready = kernel.library.sd_mlx_winograd_f32, kernel.library.sd_mlx_winograd_ready
+    except AttributeError as e:
+        return None, WinogradStatus(False, None, f"could not load the Winograd CPU convolution: {e}")
     if not ready():
         return None, WinogradStatus(False, str(path), "no optimised BLAS (cblas_sgemm) loaded: MLX's convolutions")
     fn.restype = ctypes.c_int

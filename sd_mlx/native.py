@@ -10,6 +10,7 @@ includes the CPU's flags: ``-march=native`` code must not be reused on another C
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -17,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
@@ -111,3 +113,41 @@ NO_COMPILER = "no C++ compiler (g++, c++, clang++ or $CXX) found; install one (D
 def turned_off(env: str) -> bool:
     """True when the environment variable ``env`` is set to 0, off, false or no."""
     return os.environ.get(env, "1").strip().lower() in ("0", "off", "false", "no")
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    """The outcome of :func:`load_kernel`.
+
+    Attributes:
+        library: the loaded library, or ``None``.
+        path: its path, or ``None``.
+        problem: one line saying why it is not loaded (``None`` when it is).
+        turned_off: True when the user turned it off with its environment variable.
+    """
+
+    library: ctypes.CDLL | None
+    path: str | None
+    problem: str | None
+    turned_off: bool = False
+
+
+def load_kernel(source: Path, env: str, what: str, libs: tuple[str, ...] = ()) -> LoadedKernel:
+    """Build (once, cached) and load the kernel library of ``source`` unless ``env`` turns it off. Never raises.
+
+    Args:
+        source: a ``.cpp`` file of ``sd_mlx/csrc``.
+        env: the environment variable that turns it off (see :func:`turned_off`).
+        what: its name in messages, e.g. ``"the fused CPU attention"``.
+        libs: extra link flags.
+    """
+    if turned_off(env):
+        return LoadedKernel(None, None, f"{env}=0", turned_off=True)
+    cxx = compiler()
+    if cxx is None:
+        return LoadedKernel(None, None, NO_COMPILER)
+    try:
+        path = build_library(source, cxx, libs)
+        return LoadedKernel(ctypes.CDLL(str(path)), str(path), None)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return LoadedKernel(None, None, f"could not build {what}: {e}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -141,3 +142,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def run_probe(program: str, cache: Path, **env: str) -> tuple[str, str, float]:
+    """Run ``python -c program`` with ``XDG_CACHE_HOME=cache`` and ``env``; the program prints
+    ``available | reason | value``, returned as strings and a float (the native-kernel fallback tests)."""
+    full = dict(os.environ, XDG_CACHE_HOME=str(cache), **env)
+    out = subprocess.run([sys.executable, "-c", program], env=full, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    available, reason, total = (p.strip() for p in out.stdout.strip().split("|"))
+    return available, reason, float(total)

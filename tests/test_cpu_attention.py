@@ -4,14 +4,13 @@ MLX's own path, every padding/tail case of its blocking, and each way it falls b
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from sd_mlx import cpu_attention, native
+from conftest import run_probe
 from sd_mlx.models import layers
 
 STATUS = cpu_attention.fused_attention_status()
@@ -167,11 +166,7 @@ _PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_at
 
 
 def _probe(tmp_path, **env) -> tuple[str, str, float]:
-    full = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), **env)
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=full, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    available, reason, total = (p.strip() for p in out.stdout.strip().split("|"))
-    return available, reason, float(total)
+    return run_probe(_PROBE, tmp_path, **env)
 
 
 def test_fallbacks_keep_working(tmp_path):
