@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd_mlx import cpu_winograd
+from sd_mlx import cpu_winograd, native
 from conftest import run_probe
 from sd_mlx.models import layers
 
@@ -215,7 +215,9 @@ def test_fallbacks_keep_working(tmp_path):
     broken = _probe(tmp_path / "broken", CXX="false")
     assert broken[0] == "False" and "could not build" in broken[1]
     no_blas = _probe(tmp_path / "noblas", SD_MLX_BLAS="off")
-    assert no_blas[0] == "False" and "no optimised BLAS" in no_blas[1]
+    assert no_blas[0] == "False"
+    if native.compiler() is not None:  # without one, the reason is the missing compiler
+        assert "no optimised BLAS" in no_blas[1]
     for other in (broken, no_blas):
         assert abs(other[2] - off[2]) <= 1e-4 * max(1.0, abs(off[2]))
     if STATUS.available:
