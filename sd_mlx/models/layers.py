@@ -315,21 +315,7 @@ def conv3x3_strips(x: mx.array, weight: mx.array, bias: mx.array | None, *, rows
         strip = x[:, lo:hi] if prologue is None else prologue(x[:, lo:hi])
         if start == 0 or stop == h:  # zero rows outside the image, after the prologue as the convolution pads
             strip = mx.pad(strip, [(0, 0), (int(start == 0), int(stop == h)), (0, 0), (0, 0)])
-        y = None
-        if _winograd_applies(weight, f * f * (stop - start) * w):
-            # the upsampled strip's outer rows repeat the halo: keep one each side
-            y = winograd_conv3x3(upsample_nearest(strip)[:, 1:-1] if upsample2x else strip, weight, bias,
-                                 conv3x3_taps, pad_rows=False)
-        if y is not None:
-            pass
-        elif upsample2x:
-            y = upsample2x_conv3x3(strip, weight, bias, taps=on_cpu, pad_rows=False)
-        elif on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
-            y = conv3x3_taps(strip, weight, bias, pad_rows=False)
-        else:
-            y = mx.conv2d(strip, weight, padding=(0, 1))
-            if bias is not None:
-                y = y + bias
+        y = _conv3x3_strip(strip, weight, bias, upsample2x=upsample2x, on_cpu=on_cpu)
         if epilogue is not None:
             y = epilogue(y, f * start, f * stop)
         if out is None:
@@ -337,6 +323,24 @@ def conv3x3_strips(x: mx.array, weight: mx.array, bias: mx.array | None, *, rows
         out[:, f * start:f * stop] = y
         mx.eval(out)
     return out
+
+
+def _conv3x3_strip(strip: mx.array, weight: mx.array, bias: mx.array | None, *, upsample2x: bool,
+                   on_cpu: bool) -> mx.array:
+    # one strip (carrying its halo rows) of conv3x3_strips
+    _, h, w, _ = strip.shape
+    if _winograd_applies(weight, (4 if upsample2x else 1) * (h - 2) * w):
+        # the upsampled strip's outer rows repeat the halo: keep one each side
+        y = winograd_conv3x3(upsample_nearest(strip)[:, 1:-1] if upsample2x else strip, weight, bias, conv3x3_taps,
+                             pad_rows=False)
+        if y is not None:
+            return y
+    if upsample2x:
+        return upsample2x_conv3x3(strip, weight, bias, taps=on_cpu, pad_rows=False)
+    if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
+        return conv3x3_taps(strip, weight, bias, pad_rows=False)
+    y = mx.conv2d(strip, weight, padding=(0, 1))
+    return y + bias if bias is not None else y
 
 
 def norm_silu_conv(norm: "GroupNorm", conv: nn.Module, x: mx.array) -> mx.array:
