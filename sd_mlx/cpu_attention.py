@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -35,21 +34,8 @@ SOURCE = native.CSRC / "cpu_attention.cpp"
 _ENV = "SD_MLX_FUSED_ATTENTION"
 
 
-@dataclass(frozen=True)
-class FusedAttentionStatus:
-    """Whether the fused CPU attention is in use in this process.
-
-    Attributes:
-        available: True when the library is built and loaded.
-        library: path of the loaded shared library, or ``None``.
-        reason: one line saying why (for ``--verbose`` output and warnings).
-        turned_off: True when the user turned it off (``SD_MLX_FUSED_ATTENTION=0``): nothing to warn about.
-    """
-
-    available: bool
-    library: str | None
-    reason: str
-    turned_off: bool = False
+FusedAttentionStatus = native.KernelStatus
+"""Whether the fused CPU attention is in use (``turned_off``: ``SD_MLX_FUSED_ATTENTION=0``)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,34 +105,17 @@ def fused_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, reference
 def _differentiable(heads: int, reference: AttentionFn) -> Callable:
     """The (loaded) kernel as an ``mx.custom_function`` whose derivatives are those of ``reference``."""
     fn = _load()[0]
-
-    @mx.custom_function
-    def attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        out = _run_kernel(fn, q, k, v, heads)
-        return reference(q, k, v, heads) if out is None else out
-
-    @attend.vjp
-    def attend_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> list[mx.array]:
-        return mx.vjp(lambda q, k, v: reference(q, k, v, heads), list(primals), [cotangent])[1]
-
-    @attend.jvp
-    def attend_jvp(primals: tuple[mx.array, ...], tangents: tuple[mx.array, ...]) -> list[mx.array]:
-        # MLX passes None for inputs not differentiated (e.g. k and v of a jvp in q only)
-        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-        return mx.jvp(lambda q, k, v: reference(q, k, v, heads), list(primals), tangents)[1]
-
-    return attend
+    return native.with_reference_derivatives(lambda q, k, v: _run_kernel(fn, q, k, v, heads),
+                                             lambda q, k, v: reference(q, k, v, heads))
 
 
 def _run_kernel(fn: Callable, q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array | None:
     """Evaluate the inputs and run the kernel; ``None`` when they cannot be evaluated (a tracer of
     ``mx.compile`` or ``mx.vmap``)."""
-    q, k, v = (mx.contiguous(t.astype(mx.float32)) for t in (q, k, v))
-    try:
-        mx.eval(q, k, v)
-    except (ValueError, RuntimeError):
+    evaluated = native.evaluated_float32(q, k, v)
+    if evaluated is None:
         return None
-    qn, kn, vn = (np.ascontiguousarray(t) for t in (q, k, v))  # zero-copy views of MLX's buffers
+    (qn, kn, vn), _owners = evaluated
     b, lq, inner = qn.shape
     s = kn.shape[1]
     d = inner // heads

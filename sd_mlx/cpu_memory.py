@@ -21,6 +21,8 @@ import functools
 import os
 import sys
 
+from .native import turned_off
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # bytes
@@ -47,7 +49,7 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_freed_buffers() -> str | None:
     """Raise glibc's mmap and trim thresholds to 1 GiB for this process; return a one-line description, or
     ``None`` when nothing was changed (not glibc, or ``SD_MLX_KEEP_FREED_MEMORY=0``). Never raises; idempotent."""
-    if os.environ.get(_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    if turned_off(_ENV):
         return None
     libc = _glibc()
     if libc is None:

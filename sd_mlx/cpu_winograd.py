@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -62,21 +61,9 @@ F4_MIN_PIXELS = 1024
 """Output pixels per image from which F(4x4, 3x3) is used instead of F(2x2, 3x3) (see :func:`tile_size`)."""
 
 
-@dataclass(frozen=True)
-class WinogradStatus:
-    """Whether the Winograd CPU convolution is in use in this process.
-
-    Attributes:
-        available: True when the library is built and loaded and an optimised ``cblas_sgemm`` is found.
-        library: path of the loaded shared library, or ``None``.
-        reason: one line saying why (for ``--verbose`` output and the tools' reports).
-        turned_off: True when the user turned it off (``SD_MLX_WINOGRAD=0``).
-    """
-
-    available: bool
-    library: str | None
-    reason: str
-    turned_off: bool = False
+WinogradStatus = native.KernelStatus
+"""Whether the Winograd CPU convolution is in use (``available`` also needs an optimised ``cblas_sgemm``;
+``turned_off``: ``SD_MLX_WINOGRAD=0``)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,54 +144,34 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, refer
     fn = _load()[0]
     if fn is None or 0 in x.shape or 0 in weight.shape or x.shape[1] - (0 if pad_rows else 2) < 1:
         return None
-    dtype = mx.result_type(x, weight) if bias is None else mx.result_type(x, weight, bias)
-    if bias is None:
-        return _differentiable(reference, pad_rows, False, dtype)(x, weight)
-    return _differentiable(reference, pad_rows, True, dtype)(x, weight, bias)
+    arrays = (x, weight) if bias is None else (x, weight, bias)
+    return _differentiable(reference, pad_rows, mx.result_type(*arrays))(*arrays)
 
 
 @functools.lru_cache(maxsize=64)
-def _differentiable(reference: ConvFn, pad_rows: bool, has_bias: bool, dtype: mx.Dtype) -> Callable:
-    """The (loaded) kernel as an ``mx.custom_function`` whose derivatives are those of ``reference``."""
+def _differentiable(reference: ConvFn, pad_rows: bool, dtype: mx.Dtype) -> Callable:
+    """The (loaded) kernel as an ``mx.custom_function`` of ``(x, weight[, bias])`` whose derivatives are those of
+    ``reference``; its output in ``dtype``."""
     fn = _load()[0]
+
+    def run(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array | None:
+        out = _run_kernel(fn, x, weight, bias, pad_rows=pad_rows)
+        return None if out is None else out.astype(dtype)
 
     def ref(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
         return reference(x, weight, bias, pad_rows=pad_rows)
 
-    if has_bias:
-        @mx.custom_function
-        def conv(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-            out = _run_kernel(fn, x, weight, bias, pad_rows=pad_rows)
-            return ref(x, weight, bias) if out is None else out.astype(dtype)
-    else:
-        @mx.custom_function
-        def conv(x: mx.array, weight: mx.array) -> mx.array:
-            out = _run_kernel(fn, x, weight, None, pad_rows=pad_rows)
-            return ref(x, weight) if out is None else out.astype(dtype)
-
-    @conv.vjp
-    def conv_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> list[mx.array]:
-        return mx.vjp(ref, list(primals), [cotangent])[1]
-
-    @conv.jvp
-    def conv_jvp(primals: tuple[mx.array, ...], tangents: tuple[mx.array, ...]) -> list[mx.array]:
-        # MLX passes None for inputs not differentiated (e.g. a layer's weight and bias in a jvp in x only)
-        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-        return mx.jvp(ref, list(primals), tangents)[1]
-
-    return conv
+    return native.with_reference_derivatives(run, ref)
 
 
 def _run_kernel(fn: Callable, x: mx.array, weight: mx.array, bias: mx.array | None, *,
                 pad_rows: bool) -> mx.array | None:
     """Evaluate the inputs and run the kernel (float32 out); ``None`` when they cannot be evaluated (a tracer of
     ``mx.compile`` or ``mx.vmap``)."""
-    arrays = [mx.contiguous(t.astype(mx.float32)) for t in (x, weight) + ((bias,) if bias is not None else ())]
-    try:
-        mx.eval(*arrays)
-    except (ValueError, RuntimeError):
+    evaluated = native.evaluated_float32(x, weight, *(() if bias is None else (bias,)))
+    if evaluated is None:
         return None
-    xn, wn, *bn = (np.ascontiguousarray(t) for t in arrays)  # zero-copy views of MLX's buffers
+    (xn, wn, *bn), _owners = evaluated
     b, h, w, c = xn.shape
     o = wn.shape[0]
     hout = h if pad_rows else h - 2

@@ -6,6 +6,12 @@ Each kernel source is compiled once per source, flags, compiler and CPU with ``g
 (:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`). The install is atomic (concurrent builders each
 install a complete file) and the library is world-readable (a cache shared by several users). The cache key
 includes the CPU's flags: ``-march=native`` code must not be reused on another CPU sharing a home folder.
+
+It also holds what both kernel wrappers share: their status record (:class:`KernelStatus`), the evaluation of
+their inputs into buffers the C++ reads (:func:`evaluated_float32`), and the ``mx.custom_function`` that takes
+the derivatives (and the value under ``mx.compile``/``mx.vmap``) from an MLX reference
+(:func:`with_reference_derivatives`). This module does not import MLX at import time: ``import sd_mlx`` reaches
+it (through :mod:`sd_mlx.cpu_memory`) before the fast BLAS is loaded, which must come first.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # MLX is imported at call time only (see above)
+    import mlx.core as mx
+    import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
@@ -116,6 +127,23 @@ def turned_off(env: str) -> bool:
 
 
 @dataclass(frozen=True)
+class KernelStatus:
+    """Whether one of the C++ CPU kernels is in use in this process.
+
+    Attributes:
+        available: True when the library is built and loaded (and whatever else it needs is found).
+        library: path of the loaded shared library, or ``None``.
+        reason: one line saying why (for ``--verbose`` output, warnings and the tools' reports).
+        turned_off: True when the user turned it off with its environment variable: nothing to warn about.
+    """
+
+    available: bool
+    library: str | None
+    reason: str
+    turned_off: bool = False
+
+
+@dataclass(frozen=True)
 class LoadedKernel:
     """The outcome of :func:`load_kernel`.
 
@@ -151,3 +179,50 @@ def load_kernel(source: Path, env: str, what: str, libs: tuple[str, ...] = ()) -
         return LoadedKernel(ctypes.CDLL(str(path)), str(path), None)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return LoadedKernel(None, None, f"could not build {what}: {e}")
+
+
+def evaluated_float32(*arrays: mx.array) -> tuple[list[np.ndarray], list[mx.array]] | None:
+    """Evaluate ``arrays`` (``mx.array``) as float32 and row-contiguous (no copy when they already are) and return
+    zero-copy numpy views of MLX's buffers, in order, with the float32 arrays that own them (keep those alive while
+    the views are used); ``None`` when they cannot be evaluated (tracers inside ``mx.compile`` or ``mx.vmap``)."""
+    import mlx.core as mx  # noqa: F811  (not at import time: see the module's notes)
+    import numpy as np  # noqa: F811
+
+    owned = [mx.contiguous(a.astype(mx.float32)) for a in arrays]
+    try:
+        mx.eval(*owned)
+    except (ValueError, RuntimeError):
+        return None
+    return [np.ascontiguousarray(a) for a in owned], owned
+
+
+def with_reference_derivatives(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel`` as an ``mx.custom_function`` whose derivatives are those of ``reference``.
+
+    Args:
+        kernel: ``(*arrays) -> mx.array | None``, a native kernel's wrapper; ``None`` when its inputs cannot be
+            evaluated (inside ``mx.compile`` or ``mx.vmap``). Its output is a constant to MLX.
+        reference: ``(*arrays) -> mx.array``, the same function written with MLX operations: it gives the value
+            where ``kernel`` returns ``None``, and the vjp and jvp (``mx.grad``, ``mx.vjp``, ``mx.jvp``). Inputs
+            not differentiated get zero tangents (MLX passes ``None`` for them).
+
+    Returns:
+        A function of the same positional arrays.
+    """
+    import mlx.core as mx  # noqa: F811  (not at import time: see the module's notes)
+
+    @mx.custom_function
+    def fused(*args: mx.array) -> mx.array:
+        out = kernel(*args)
+        return reference(*args) if out is None else out
+
+    @fused.vjp
+    def fused_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> list:
+        return mx.vjp(reference, list(primals), [cotangent])[1]
+
+    @fused.jvp
+    def fused_jvp(primals: tuple, tangents: tuple) -> list:
+        tangents = [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        return mx.jvp(reference, list(primals), tangents)[1]
+
+    return fused
