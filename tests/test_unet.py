@@ -228,4 +228,5 @@ def test_full_size_parity(name, tmp_path):
     context = torch.randn(2, 77, cfg["cross_attention_dim"])
     got, expected = run_both(ref, ours, sample, 981, context)
     err, std = max_err(got, expected)
+    print(f"{name}: max abs error {err:.3g} (output std {std:.3g})")
     assert err <= TOL32 * max(1.0, std), f"{name}: max abs error {err:.3g} (std {std:.3g})"  # measured ~1.1e-5
