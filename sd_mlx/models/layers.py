@@ -31,8 +31,8 @@ def _squared_deviation(x: mx.array, mean: mx.array) -> mx.array:
 
 
 @partial(mx.compile, shapeless=True)
-def _normalize_affine(x: mx.array, mean: mx.array, rstd: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    return (((x.astype(mx.float32) - mean) * rstd) * weight + bias).astype(x.dtype)
+def _normalize_affine(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> mx.array:
+    return ((x.astype(mx.float32) - mean) * scale + bias).astype(x.dtype)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -43,6 +43,12 @@ class GroupNorm(nn.GroupNorm):
     the mean squared deviation, as PyTorch), and the normalisation and affine map are one fused kernel, so the
     layer holds about three input-sized buffers at its peak instead of five (the SD VAE decoder's 512x512 maps are
     268 MB each).
+
+    Both passes reduce the ``(B, H*W, C)`` view over its token axis into per-channel float32 sums and only then
+    add the ``C / G`` channels of each group: a reduction MLX's CPU backend runs along contiguous channels, about
+    4x faster than reducing a ``(B, H*W, G, C/G)`` view over two axes (SD1.5 U-Net, batch 2, 64x64x320: 12.4 ->
+    3.0 ms; its 61 norms per step 0.37 -> about 0.1 s). The per-channel sums add in another order than a single
+    float32 sum over the group: a difference of float32 rounding (about 1e-6 relative).
 
     Call: ``(B, ..., C) -> (B, ..., C)``, same dtype.
     """
@@ -61,23 +67,30 @@ class GroupNorm(nn.GroupNorm):
         def total(part_fn: Callable[[mx.array], mx.array]) -> mx.array:
             acc = None
             for lo, hi in bounds:
-                part = mx.sum(part_fn(x[:, lo:hi].reshape(b, -1, g, c // g)), axis=(1, 3), keepdims=True)
+                part = mx.sum(part_fn(x[:, lo:hi].reshape(b, -1, c)), axis=1)  # (B, C) per-channel sums
                 acc = part if acc is None else acc + part
                 if rows is not None:
                     mx.eval(acc)
-            return acc
+            return mx.sum(acc.reshape(b, 1, g, c // g), axis=-1, keepdims=True)  # (B, 1, G, 1)
 
-        mean = total(lambda xg: xg.astype(mx.float32)) / n
-        var = total(lambda xg: _squared_deviation(xg, mean)) / n
+        mean = total(lambda xc: xc.astype(mx.float32)) / n
+        mean_c = self._per_channel(mean, c)
+        var = total(lambda xc: _squared_deviation(xc, mean_c)) / n
         return mean, mx.rsqrt(var + self.eps)
+
+    @staticmethod
+    def _per_channel(stat: mx.array, channels: int) -> mx.array:
+        """``(B, 1, G, 1)`` per-group values -> ``(B, 1, C)``, each group's value repeated over its channels."""
+        b, _, g, _ = stat.shape
+        return mx.broadcast_to(stat, (b, 1, g, channels // g)).reshape(b, 1, channels)
 
     def normalize(self, x: mx.array, mean: mx.array, rstd: mx.array) -> mx.array:
         """``x`` (any rows of the input the statistics came from) normalised with ``(mean, rstd)`` from
         :meth:`statistics`, then the affine map; same shape and dtype as ``x``."""
-        b, c, g = x.shape[0], x.shape[-1], self.num_groups
-        w = self.weight.astype(mx.float32).reshape(g, c // g)
-        bias = self.bias.astype(mx.float32).reshape(g, c // g)
-        return _normalize_affine(x.reshape(b, -1, g, c // g), mean, rstd, w, bias).reshape(x.shape)
+        b, c = x.shape[0], x.shape[-1]
+        scale = self._per_channel(rstd, c) * self.weight.astype(mx.float32)
+        out = _normalize_affine(x.reshape(b, -1, c), self._per_channel(mean, c), scale, self.bias.astype(mx.float32))
+        return out.reshape(x.shape)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.normalize(x, *self.statistics(x))

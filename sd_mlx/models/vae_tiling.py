@@ -297,9 +297,12 @@ def estimate_decode_peak_bytes(height: int, width: int, batch: int = 1, *, confi
     The first term is the full-resolution level (a 3x3 convolution there unfolds ``9 c`` values a pixel, and a
     few ``c``-channel tensors are alive around it); ``ACTIVATION_FACTOR = 40`` was fitted to ``mx.get_peak_memory``
     of untiled decodes on MLX's CPU backend (SD 1.5 VAE at 128x128, 256x256 and 1024x1024: 36 to 39 with the
-    attention term included; a (16, 32, 32, 32) VAE at 512x512: 36), so the estimate is ~10% above the measured
+    attention term included; a (16, 32, 32, 32) VAE at 512x512: 36), so the estimate was ~10% above the measured
     peak there (1024x1024 SD: 43.0 GiB estimated, 38.8 GiB measured), and conservative for backends whose
-    convolutions do not unfold their input. The second term is the
+    convolutions do not unfold their input. Since GroupNorm reduces per channel (no transposed temporary), the
+    measured factors on a 2-core CPU are lower: SD 1.5 VAE at 128x128 and 256x256 21.5 and 21.2 (27-28 before),
+    the small VAE at 512x512 15.3 (21.3 before); the factor is kept, on the safe side, until it is re-fitted at
+    1024x1024 (which needs a ~40 GiB machine). The second term is the
     mid-block's single-head attention over the ``h w`` latent pixels (score matrix and its softmax, float32).
 
     Args:
