@@ -61,3 +61,35 @@ def test_bad_explicit_library_is_reported_not_fatal():
 def test_enable_is_idempotent_and_never_raises():
     status = enable_fast_blas()
     assert isinstance(status, BlasStatus) and status.reason
+
+
+_TIMEOUT_PROBE = """
+import ctypes, os
+real = ctypes.CDLL
+seen = []
+def spy(*a, **k):
+    seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+    return real(*a, **k)
+ctypes.CDLL = spy
+import sd_mlx
+print(sd_mlx.BLAS_STATUS.fast, seen[0], os.environ.get("OPENBLAS_THREAD_TIMEOUT"))  # seen[0]: the BLAS
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS swap is for MLX's Linux CPU backend")
+@pytest.mark.parametrize("user_value", [None, "12"])
+def test_openblas_thread_timeout_while_loading(user_value):
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it is loaded: sd_mlx sets its short value for that moment only,
+    and leaves a value the user set alone."""
+    from sd_mlx.blas import OPENBLAS_THREAD_TIMEOUT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "SD_MLX_BLAS")}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    out = subprocess.run([sys.executable, "-c", _TIMEOUT_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    fast, rest = out.stdout.strip().split(" ", 1)
+    if fast != "True":
+        pytest.skip("no optimised BLAS on this machine")
+    expected = user_value or OPENBLAS_THREAD_TIMEOUT
+    assert rest == f"{expected} {user_value}"  # set during the load, as before it afterwards
