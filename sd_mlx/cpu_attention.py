@@ -48,12 +48,19 @@ def _load() -> tuple[Callable | None, FusedAttentionStatus]:
         return None, FusedAttentionStatus(False, None, kernel.problem)
     path = kernel.path
     try:
-        fn = kernel.library.sd_mlx_attention_f32
+        fn = kernel_function(kernel.library)
     except AttributeError as e:
         return None, FusedAttentionStatus(False, None, f"could not load the fused CPU attention: {e}")
+    return fn, FusedAttentionStatus(True, str(path), f"fused CPU attention: {path}")
+
+
+def kernel_function(library: ctypes.CDLL) -> Callable:
+    """The kernel's entry point ``sd_mlx_attention_f32`` in a loaded build of ``csrc/cpu_attention.cpp``, with its
+    ctypes signature set. Raises ``AttributeError`` when the library does not export it."""
+    fn = library.sd_mlx_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
-    return fn, FusedAttentionStatus(True, str(path), f"fused CPU attention: {path}")
+    return fn
 
 
 def fused_attention_status() -> FusedAttentionStatus:

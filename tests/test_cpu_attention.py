@@ -158,15 +158,11 @@ def test_eight_lane_build_gives_the_same_values():
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("-mno-avx512f is an x86 flag")
-    narrow = ctypes.CDLL(str(native.build_library(cpu_attention.SOURCE, native.compiler(), ("-mno-avx512f",))))
-    fn = narrow.sd_mlx_attention_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+    narrow = cpu_attention.kernel_function(
+        ctypes.CDLL(str(native.build_library(cpu_attention.SOURCE, native.compiler(), ("-mno-avx512f",)))))
     for b, lq, s, heads, d in [(2, 200, 77, 8, 40), (1, 97, 300, 2, 80)]:
         q, k, v = _inputs(b, lq, s, heads, d)
-        out = np.empty_like(q)
-        assert fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, b, lq, s, heads, d, heads * d,
-                  heads * d, heads * d, d ** -0.5, 2) == 0
+        out = np.array(cpu_attention._run_kernel(narrow, mx.array(q), mx.array(k), mx.array(v), heads))
         wide = np.array(cpu_attention.fused_attention(mx.array(q), mx.array(k), mx.array(v), heads, REF))
         np.testing.assert_allclose(out, wide, rtol=0, atol=1e-6 * np.abs(v).max())
         np.testing.assert_allclose(out, _reference(q, k, v, heads), rtol=0, atol=1e-5 * np.abs(v).max())
