@@ -97,6 +97,47 @@ def test_chunks_and_slices_give_the_same_values(monkeypatch, budget, tile):
     np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=TOLERANCE[tile] * np.abs(ref).max())
 
 
+def _openblas_threads():
+    """OpenBLAS's ``openblas_get_num_threads`` when it is in the process's global scope, else ``None``."""
+    import ctypes
+    try:
+        return ctypes.CDLL(None).openblas_get_num_threads
+    except AttributeError:
+        return None
+
+
+@needs_kernel
+def test_concurrent_calls_share_the_blas_and_restore_its_thread_count():
+    """With OpenBLAS the kernel runs its matrix products on its own threads with the BLAS set to one thread: the
+    BLAS's count is back to its value after each call, also when calls from two Python threads overlap, and
+    every call gives the direct convolution's values (:data:`TOLERANCE` relative)."""
+    import threading
+    get = _openblas_threads()
+    before = get() if get else None
+    x, k, bias = _inputs(2, 36, 36, 48, 40, seed=5)  # F(4x4): 36 products per chunk
+    ref = _conv64(x, k, bias)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                got = cpu_winograd.winograd_conv3x3(mx.array(x), mx.array(k), mx.array(bias), REF)
+                results.append(np.array(got))
+        except Exception as e:  # reported below: a failure inside a thread would otherwise pass unseen
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+    for got in results:
+        np.testing.assert_allclose(got, ref, rtol=0, atol=TOLERANCE[4] * np.abs(ref).max())
+    if get:
+        assert get() == before
+
+
 @needs_kernel
 def test_float16_in_float16_out(tile):
     x, k, bias = _inputs(1, 8, 8, 32, 16, seed=4)

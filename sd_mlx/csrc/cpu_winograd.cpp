@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -32,6 +33,21 @@ constexpr int CB = 64;  // channels per inner loop (vectorised by the compiler)
 
 sgemm_t find_sgemm() { return reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm")); }
 
+// OpenBLAS's thread count (both null with another BLAS). With it the kernel runs the n^2 products of a chunk as
+// whole products on its own threads, the BLAS on one thread each: OpenBLAS splitting each of these short products
+// over the cores ran them at 110-160 GFLOP/s on a 2-core x86 CPU, whole products per thread at 165-177.
+struct BlasThreads {
+  void (*set)(int);
+  int (*get)();
+};
+
+BlasThreads find_blas_threads() {
+  BlasThreads t{reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")),
+                reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))};
+  if (!t.set || !t.get) t.set = nullptr, t.get = nullptr;
+  return t;
+}
+
 template <class F>
 void parallel(long n, int threads, const F& f) {
   threads = (int)std::max(1L, std::min<long>(threads, n));
@@ -40,8 +56,16 @@ void parallel(long n, int threads, const F& f) {
     return;
   }
   std::vector<std::thread> pool;
-  for (int i = 1; i < threads; ++i) pool.emplace_back([&, i] { f(n * i / threads, n * (i + 1) / threads); });
+  std::vector<int> missed;  // parts whose thread could not be started: this thread does them
+  for (int i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back([&, i] { f(n * i / threads, n * (i + 1) / threads); });
+    } catch (...) {
+      missed.push_back(i);
+    }
+  }
   f(0L, n / threads);
+  for (int i : missed) f(n * i / threads, n * (i + 1) / threads);
   for (auto& t : pool) t.join();
 }
 
@@ -225,9 +249,35 @@ void transform_outputs(const float* m, const float* bias, float* y, const Geomet
   });
 }
 
+// The P products m[p] = v[p] u[p]^T of a chunk (n tiles, C input and S output channels): split over the kernel's
+// threads with the BLAS on one thread where its thread count can be set (and restored after), else one after
+// another, each on all the BLAS's threads.
+void products(sgemm_t sgemm, const BlasThreads& bt, int P, const float* v, const float* u, float* m, long n, int S,
+              int C, int threads) {
+  auto run = [&](long a, long b) {
+    for (long p = a; p < b; ++p)
+      sgemm(kRowMajor, kNoTrans, kTrans, (int)n, S, C, 1.0f, v + p * n * C, C, u + p * S * C, C, 0.0f,
+            m + p * n * S, S);
+  };
+  if (bt.set && threads > 1 && P >= threads) {
+    // Concurrent calls share one saved count: the first in sets one thread, the last out restores it.
+    static std::mutex lock;
+    static int active = 0, saved = 0;
+    {
+      std::lock_guard<std::mutex> hold(lock);
+      if (active++ == 0) saved = bt.get(), bt.set(1);
+    }
+    parallel(P, threads, run);
+    std::lock_guard<std::mutex> hold(lock);
+    if (--active == 0) bt.set(saved);
+  } else {
+    run(0, P);
+  }
+}
+
 template <int M>
-int convolve(sgemm_t sgemm, const float* x, const float* w, const float* bias, float* y, Geometry g,
-             long budget_bytes, int threads) {
+int convolve(sgemm_t sgemm, const BlasThreads& bt, const float* x, const float* w, const float* bias, float* y,
+             Geometry g, long budget_bytes, int threads) {
   constexpr int N = Tr<M>::N, P = N * N;
   const int C = g.C, O = g.O;
   g.th = (g.Hout + M - 1) / M;
@@ -235,7 +285,10 @@ int convolve(sgemm_t sgemm, const float* x, const float* w, const float* bias, f
   const long tiles = (long)g.B * g.th * g.tw;
   const long floats = std::max(1L, budget_bytes / (long)sizeof(float));
   // tiles per chunk: their transformed inputs (P x C values each) within one budget
-  const long chunk = std::min(tiles, std::max(64L, floats / ((long)P * C)));
+  // (as many chunks as that needs, of equal size: a short last chunk runs its products slowly)
+  const long most = std::min(tiles, std::max(64L, floats / ((long)P * C)));
+  const long chunks = (tiles + most - 1) / most;
+  const long chunk = (tiles + chunks - 1) / chunks;
   // output channels per slice: their transformed kernels (P x C) and the chunk's products (P x chunk) within the
   // other; the kernels are transformed once when all fit, else once per chunk and slice
   const int slice = (int)std::min<long>(O, std::max(16L, floats / ((long)P * (C + chunk))));
@@ -254,9 +307,7 @@ int convolve(sgemm_t sgemm, const float* x, const float* w, const float* bias, f
     for (int o0 = 0; o0 < O; o0 += slice) {
       const int o1 = std::min(O, o0 + slice), S = o1 - o0;
       if (!kernels_once) transform_kernels<M>(w, u, o0, o1, C, threads);
-      for (int p = 0; p < P; ++p)
-        sgemm(kRowMajor, kNoTrans, kTrans, (int)n, S, C, 1.0f, v + p * n * C, C, u + (long)p * S * C, C, 0.0f,
-              m + p * n * S, S);
+      products(sgemm, bt, P, v, u, m, n, S, C, threads);
       transform_outputs<M>(m, bias, y, g, t0, n, o0, o1, threads);
     }
   }
@@ -282,8 +333,9 @@ int sd_mlx_winograd_f32(const float* x, const float* w, const float* bias, float
   g.Hout = pad_rows ? Hin : Hin - 2;
   g.top = pad_rows ? -1 : 0;
   if (B < 1 || W < 1 || C < 1 || O < 1 || g.Hout < 1) return 1;
-  if (tile == 2) return convolve<2>(sgemm, x, w, bias, y, g, budget_bytes, threads);
-  if (tile == 4) return convolve<4>(sgemm, x, w, bias, y, g, budget_bytes, threads);
+  const BlasThreads bt = find_blas_threads();
+  if (tile == 2) return convolve<2>(sgemm, bt, x, w, bias, y, g, budget_bytes, threads);
+  if (tile == 4) return convolve<4>(sgemm, bt, x, w, bias, y, g, budget_bytes, threads);
   return 1;
 }
 
