@@ -1,7 +1,7 @@
 """Building and loading sd_mlx's C++ CPU kernels (``sd_mlx/csrc``) at first use.
 
-Each kernel source is compiled once per source, flags, compiler and CPU with ``g++ -O3 -march=native
--fno-math-errno`` (``$CXX`` when set, which may carry a launcher such as ``ccache g++``) into
+Each kernel source is compiled once per source (with the headers beside it), flags, compiler and CPU with ``g++
+-O3 -march=native -fno-math-errno`` (``$CXX`` when set, which may carry a launcher such as ``ccache g++``) into
 ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes`` by the module that uses it
 (:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`). The install is atomic (concurrent builders each
 install a complete file) and the library is world-readable (a cache shared by several users). The cache key
@@ -72,7 +72,8 @@ def _cpu_signature() -> str:
 
 
 def build_library(source: Path, cxx: list[str], libs: tuple[str, ...] = ()) -> Path:
-    """Compile ``source`` into the cache (once per source, flags, compiler and CPU); return the library's path.
+    """Compile ``source`` into the cache (once per source and the ``.h`` headers beside it, flags, compiler and
+    CPU); return the library's path.
 
     Args:
         source: a ``.cpp`` file of ``sd_mlx/csrc``.
@@ -84,7 +85,8 @@ def build_library(source: Path, cxx: list[str], libs: tuple[str, ...] = ()) -> P
         OSError: the cache folder cannot be written.
         subprocess.SubprocessError: the compiler timed out.
     """
-    text = source.read_bytes()
+    # the source and the headers next to it (which it may include)
+    text = b"\0".join([source.read_bytes(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h")))])
     flags = [*FLAGS, *libs]
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([text, " ".join(cxx + flags).encode(), version.encode(),

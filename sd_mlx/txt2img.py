@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import sd_mlx
 
 from .cpu_attention import fused_attention_status_on_cpu  # noqa: E402
+from .cpu_rowwise import rowwise_status_on_cpu  # noqa: E402
 from .cpu_winograd import winograd_status_on_cpu  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every model loaded through the whole run (otherwise each is released after its "
                         "phase to lower peak memory)")
     p.add_argument("--verbose", action="store_true",
-                   help="print the BLAS and CPU attention used, the memory estimate, per-phase time and peak memory")
+                   help="print the BLAS and CPU kernels used, the memory estimate, per-phase time and peak memory")
     return p
 
 
@@ -216,6 +217,9 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
         winograd = winograd_status_on_cpu()
         if winograd is not None:
             print(f"convolutions: {winograd.reason}", file=sys.stderr)
+        rowwise = rowwise_status_on_cpu()
+        if rowwise is not None:
+            print(f"layer norms: {rowwise.reason}", file=sys.stderr)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,

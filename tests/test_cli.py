@@ -20,6 +20,7 @@ import sd_mlx
 import mlx.core as mx
 from sd_mlx import txt2img
 from sd_mlx.cpu_attention import fused_attention_status
+from sd_mlx.cpu_rowwise import rowwise_status
 from sd_mlx.cpu_winograd import winograd_status
 from sd_mlx.images import read_parameters, to_uint8
 from sd_mlx.pipeline import StableDiffusionPipeline, load_pipeline
@@ -92,7 +93,8 @@ def test_run_writes_pngs_with_a1111_parameters_progress_and_verbose(tiny_sd1, tm
     assert "denoising" in stderr and "2/2" in stderr
     attention = "attention: fused CPU attention" if fused_attention_status().available else "attention:"
     convolutions = "convolutions: Winograd" if winograd_status().available else "convolutions:"
-    for word in ("BLAS:", attention, convolutions, "estimated peak memory", "text_encoding", "decoding", "MLX peak GB",
+    norms = "layer norms: multi-threaded" if rowwise_status().available else "layer norms:"
+    for word in ("BLAS:", attention, convolutions, norms, "estimated peak memory", "text_encoding", "decoding", "MLX peak GB",
                  "RSS peak GB", "s/step", "end to end"):
         assert word in stderr, word
 

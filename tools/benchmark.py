@@ -222,6 +222,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from sd_mlx.blas import blas_status_for_backend
     from sd_mlx.cpu_attention import fused_attention_status_on_cpu
+    from sd_mlx.cpu_rowwise import rowwise_status_on_cpu
     from sd_mlx.cpu_winograd import winograd_status_on_cpu
 
     rss_import = peak_rss_bytes()
@@ -243,6 +244,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
     attention = fused_attention_status_on_cpu()
     winograd = winograd_status_on_cpu()
+    rowwise = rowwise_status_on_cpu()
     batch = a.batch_size
 
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype)
@@ -286,6 +288,7 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
                                   "reason": sd_mlx.BLAS_STATUS.reason},
         "cpu_attention": dataclasses.asdict(attention) if attention else None,
         "cpu_winograd": dataclasses.asdict(winograd) if winograd else None,
+        "cpu_rowwise": dataclasses.asdict(rowwise) if rowwise else None,
         "versions": {"sd_mlx": sd_mlx.__version__, "mlx": mx.__version__, "numpy": np.__version__},
     }
 
@@ -514,7 +517,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines.append(f"- sd_mlx {mi['versions']['sd_mlx']}, MLX {mi['versions']['mlx']} on {mi['device']}; "
                      f"BLAS: {'fast' if b['fast'] else 'SLOW (reference BLAS)'} ({b['reason']})"
                      + (f"; attention: {mi['cpu_attention']['reason']}" if mi.get("cpu_attention") else "")
-                     + (f"; convolutions: {mi['cpu_winograd']['reason']}" if mi.get("cpu_winograd") else ""))
+                     + (f"; convolutions: {mi['cpu_winograd']['reason']}" if mi.get("cpu_winograd") else "")
+                     + (f"; layer norms: {mi['cpu_rowwise']['reason']}" if mi.get("cpu_rowwise") else ""))
     ti = _engine_info(results, "torch")
     if ti:
         lines.append(f"- diffusers {ti['versions']['diffusers']}, torch {ti['versions']['torch']} on {ti['device']}, "

@@ -117,11 +117,13 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
     """Run the measured call (and the PSNR reference when asked) and return the JSON-ready report."""
     from sd_mlx.blas import blas_status_for_backend
     from sd_mlx.cpu_attention import fused_attention_status_on_cpu
+    from sd_mlx.cpu_rowwise import rowwise_status_on_cpu
     from sd_mlx.cpu_winograd import winograd_status_on_cpu
 
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
     attention = fused_attention_status_on_cpu()
     winograd = winograd_status_on_cpu()
+    rowwise = rowwise_status_on_cpu()
     pipe = sd_mlx.load_pipeline(a.checkpoint, dtype=a.dtype, vae=a.vae, quantize=a.quantize,
                                 quantize_group_size=a.group_size,
                                 quantize_convolutions=not a.quantize_linear_only)
@@ -145,6 +147,7 @@ def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
         "blas_status": {"fast": blas.fast, "library": blas.library, "reason": blas.reason},
         "cpu_attention": dataclasses.asdict(attention) if attention else None,
         "cpu_winograd": dataclasses.asdict(winograd) if winograd else None,
+        "cpu_rowwise": dataclasses.asdict(rowwise) if rowwise else None,
         "mlx_version": mx.__version__,
         "phases": phases,
         "peak_memory": prof.peak_memory,
@@ -189,7 +192,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"VAE: {r['vae'] or 'checkpoint AutoencoderKL'}; tiled decode: {tiled}; limits: {limits}",
         f"MLX {r['mlx_version']} on {r['device']}; BLAS: {'fast' if b['fast'] else 'SLOW'} ({b['reason']})"
         + (f"; attention: {r['cpu_attention']['reason']}" if r.get("cpu_attention") else "")
-        + (f"; convolutions: {r['cpu_winograd']['reason']}" if r.get("cpu_winograd") else ""),
+        + (f"; convolutions: {r['cpu_winograd']['reason']}" if r.get("cpu_winograd") else "")
+        + (f"; layer norms: {r['cpu_rowwise']['reason']}" if r.get("cpu_rowwise") else ""),
         "",
         f"{'phase':<15}{'seconds':>9}{'MLX peak GB':>13}{'RSS peak GB':>13}",
     ]

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -27,50 +29,14 @@ inline v8f vload(const float* p) {
 }
 inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
-// The softmax pass works on vs vectors: 16 lanes where the CPU has AVX-512 (half the instructions of 8 lanes: the
-// 4096-token SD1.5 call 293 -> 268 ms on a 2-core AMD EPYC), else 8 (GCC's emulation of 16-lane vectors on AVX2 is
-// 2.5x slower).
-#ifdef __AVX512F__
-typedef float vs __attribute__((vector_size(64)));
-typedef int vsi __attribute__((vector_size(64)));
-#else
-typedef v8f vs;
-typedef v8i vsi;
-#endif
-constexpr int SW = sizeof(vs) / sizeof(float);  // lanes of vs (8 or 16; nb, a multiple of 16, is one of SW)
-
-template <class V>
-inline V vload_t(const float* p) {
-  V r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
-template <class V>
-inline void vstore_t(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-
-// e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes expf coefficients),
-// 2^n put in the exponent bits. Inputs below -87 give about 1e-38 instead of a denormal or 0; NaN stays NaN.
-// V is a float vector type (v8f or vs), VI the int vector of the same lanes.
-template <class V, class VI>
-inline V vexp(V x) {
-  const V lo = V{} - 87.0f;
-  V y = x < lo ? lo : x;
-  const V n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|n| < 2^22)
-  V r = y - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  p = p * scale;
-  return x != x ? x : p;
-}
+// The softmax pass works on simd.h's vs vectors: 16 lanes where the CPU has AVX-512 (half the instructions of 8
+// lanes: the 4096-token SD1.5 call 293 -> 268 ms on a 2-core AMD EPYC), else 8.
+using sd_mlx_simd::SW;
+using sd_mlx_simd::vexp;
+using sd_mlx_simd::vload_t;
+using sd_mlx_simd::vs;
+using sd_mlx_simd::vsi;
+using sd_mlx_simd::vstore_t;
 
 // c[r][0:8 NV] (= or +=) sum over t < T of a[r * a_stride + t] * b[t * b_stride + 0:8 NV], for r < R.
 // R x NV accumulators stay in registers (6 x 2 uses 12 of AVX2's 16).

@@ -8,7 +8,7 @@ acting on the channel axis, whose weight is ``(O, I)``).
 Layout conventions: feature maps are ``(B, H, W, C)``, token sequences ``(B, L, C)``; parameters are in the dtype
 chosen at load time. Where diffusers computes something in float32 on purpose (the sinusoidal timestep embedding,
 softmax in attention) we do too; group and layer norms accumulate their statistics in float32
-(``mx.fast.layer_norm``).
+(``mx.fast.layer_norm``, or on the CPU the multi-threaded kernel of :mod:`sd_mlx.cpu_rowwise`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cpu_attention import fused_attention
+from ..cpu_rowwise import fused_geglu, fused_layer_norm
 from ..cpu_winograd import winograd_conv3x3
 
 
@@ -694,7 +695,8 @@ class Attention(nn.Module):
         cross_attention_dim: channel count of the context; ``None`` for self-attention (context = queries).
         upcast_attention: diffusers' flag; the softmax always runs in float32 here, so it is recorded only.
 
-    Call: ``x (B, L, query_dim)``, ``context (B, S, cross_attention_dim) | None`` -> ``(B, L, query_dim)``.
+    Call: ``x (B, L, query_dim)``, ``context (B, S, cross_attention_dim) | None``, optional keyword ``residual``
+    ``(B, L, query_dim)`` added to the output (see :func:`linear`) -> ``(B, L, query_dim)``.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, cross_attention_dim: int | None = None,
@@ -709,14 +711,64 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, *,
+                 residual: mx.array | None = None) -> mx.array:
         ctx = x if context is None else context
         o = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
-        return self.to_out[0](o)
+        return linear(self.to_out[0], o, residual)
+
+
+def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    """``layer(x)``, plus ``residual`` when given, for a linear layer (any :class:`mlx.nn.Linear` or
+    ``QuantizedLinear``).
+
+    For a plain :class:`mlx.nn.Linear` with a bias and a residual this is ``addmm(residual + bias, x, W^T)``: the
+    product accumulates onto the residual in the BLAS call instead of a separate pass writing the broadcast bias
+    and another adding the residual (SD1.5 U-Net, ``(8192, 320) x (320, 320)``: 11.7 -> 10.1 ms on a 2-core CPU).
+    The sum is the same up to float rounding (another order of additions).
+
+    Args:
+        layer: the linear layer, weight ``(O, I)``.
+        x: ``(..., I)``.
+        residual: ``(..., O)`` or ``None``.
+
+    Returns:
+        ``(..., O)``.
+    """
+    if residual is None:
+        return layer(x)
+    if type(layer) is nn.Linear and "bias" in layer:
+        return mx.addmm(residual + layer.bias, x, layer.weight.T)
+    return residual + layer(x)
+
+
+def _geglu_of_projection(h: mx.array, bias: mx.array | None = None) -> mx.array:
+    # GEGLU of a projection computed without its bias: the MLX reference of sd_mlx.cpu_rowwise.fused_geglu.
+    a, g = mx.split(h if bias is None else h + bias, 2, axis=-1)
+    return _gated_gelu(a, g)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm(dims, eps)`` with an affine map (same parameters as :class:`mlx.nn.LayerNorm`), on
+    the CPU by the multi-threaded kernel of :mod:`sd_mlx.cpu_rowwise` (about 10x faster there than MLX's
+    single-threaded passes; same values to float32 rounding), elsewhere ``mx.fast.layer_norm``.
+
+    Call: ``(..., dims) -> (..., dims)``, same dtype.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self:
+            out = fused_layer_norm(x, self.weight, self.bias, self.eps)
+            if out is not None:
+                return out
+        return super().__call__(x)
 
 
 class GEGLU(nn.Module):
     """``a * gelu(g)`` where ``[a, g] = proj(x)`` split in halves; exact (erf) GELU (diffusers ``GEGLU``).
+
+    On the CPU (an unquantized ``proj``) the projection runs without its bias and the kernel of
+    :mod:`sd_mlx.cpu_rowwise` adds it while applying the activation on all cores.
 
     Call: ``(..., dim_in) -> (..., dim_out)``.
     """
@@ -726,6 +778,11 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if type(self.proj) is nn.Linear:
+            bias = self.proj.bias if "bias" in self.proj else None
+            out = fused_geglu(x @ self.proj.weight.T, bias, _geglu_of_projection)
+            if out is not None:
+                return out
         a, g = mx.split(self.proj(x), 2, axis=-1)
         return _gated_gelu(a, g)
 
@@ -734,7 +791,8 @@ class FeedForward(nn.Module):
     """GEGLU feed-forward ``net.0`` (GEGLU to ``4 * dim``) -> ``net.2`` (Linear back to ``dim``), as diffusers
     ``FeedForward(activation_fn="geglu")``; ``net.1`` is diffusers' dropout (an identity here, no parameters).
 
-    Call: ``(B, L, dim) -> (B, L, dim)``.
+    Call: ``(B, L, dim)``, optional keyword ``residual`` ``(B, L, dim)`` added to the output (see :func:`linear`)
+    -> ``(B, L, dim)``.
     """
 
     def __init__(self, dim: int, mult: int = 4) -> None:
@@ -742,8 +800,8 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = [GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+    def __call__(self, x: mx.array, *, residual: mx.array | None = None) -> mx.array:
+        return linear(self.net[2], self.net[0](x), residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -756,17 +814,17 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *,
                  upcast_attention: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads, head_dim, upcast_attention=upcast_attention)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, upcast_attention=upcast_attention)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -807,7 +865,7 @@ class Transformer2DModel(nn.Module):
         t = self.proj_in(self.norm(x)).reshape(b, h * w, -1)
         for block in self.transformer_blocks:
             t = block(t, context)
-        return x + self.proj_out(t).reshape(b, h, w, c)
+        return linear(self.proj_out, t, x.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class SpatialSelfAttention(nn.Module):
