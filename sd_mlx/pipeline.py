@@ -768,14 +768,12 @@ class StableDiffusionPipeline:
     def _unet_eval(self, unet: Any, x: mx.array, t: float, cond: mx.array, uncond: mx.array | None,
                    guidance_scale: float) -> mx.array:
         """Guided model output for latents ``x`` ``(b, h, w, C)``: one U-Net evaluation on ``[uncond, cond]``
-        (``2b`` rows) with guidance, else on ``cond`` alone; float32."""
-        if uncond is not None:
-            x_in = mx.concatenate([x, x], axis=0)
-            ctx = mx.concatenate([uncond, cond], axis=0)
-        else:
-            x_in, ctx = x, cond
-        t_in = mx.full((x_in.shape[0],), t, dtype=mx.float32)
-        out = unet(x_in.astype(self.compute_dtype), t_in, ctx).astype(mx.float32)
+        (``2b`` rows) with guidance, else on ``cond`` alone; float32. With guidance the ``b`` latents go in once,
+        shared by both contexts (the U-Net repeats them at its first cross-attention, see
+        ``UNet2DConditionModel.__call__``): the same result as ``[x, x]``, with less work."""
+        ctx = cond if uncond is None else mx.concatenate([uncond, cond], axis=0)
+        t_in = mx.full((x.shape[0],), t, dtype=mx.float32)
+        out = unet(x.astype(self.compute_dtype), t_in, ctx).astype(mx.float32)
         if uncond is None:
             return out
         out_uncond, out_text = mx.split(out, 2, axis=0)

@@ -22,6 +22,7 @@ import pytest
 import sd_mlx
 import mlx.core as mx
 from sd_mlx import ConfigError, InvalidArgumentError, ModelNotFoundError, NonFiniteError, WeightLoadError, txt2img
+from sd_mlx.models.layers import repeat_rows
 from sd_mlx.pipeline import StableDiffusionPipeline, estimate_memory, load_pipeline
 from sd_mlx.schedulers import SCHEDULER_NAMES, get_scheduler
 
@@ -48,15 +49,17 @@ def fresh(tiny_sd1):
 
 
 class StubUNet:
-    """A cheap stand-in for the U-Net: counts calls and batch sizes, returns ``scale * x`` (or ``fill``)."""
+    """A cheap stand-in for the U-Net: counts calls and batch sizes (rows of the context), returns ``scale * x``
+    (or ``fill``) with one row per context row, as the U-Net does for latents shared by several contexts."""
 
     def __init__(self, fill: float | None = None) -> None:
         self.calls, self.batches, self.fill = 0, [], fill
 
     def __call__(self, x, t, context):
         self.calls += 1
-        self.batches.append(x.shape[0])
-        return mx.full(x.shape, self.fill) if self.fill is not None else 0.1 * x
+        self.batches.append(context.shape[0])
+        out = mx.full(x.shape, self.fill) if self.fill is not None else 0.1 * x
+        return repeat_rows(out, context.shape[0])
 
 
 def stubbed(folder: Path, fill: float | None = None) -> tuple[StableDiffusionPipeline, StubUNet]:
@@ -322,7 +325,8 @@ def _recording(p: StableDiffusionPipeline) -> list[int]:
     unet = p.unet
 
     def rec(x, t, context):
-        batches.append(x.shape[0])
+        batches.append(context.shape[0])
+        assert x.shape[0] == t.shape[0] == 1  # latents go in once, shared by the guidance's contexts
         return unet(x, t, context)
 
     p._models["unet"] = rec
@@ -339,6 +343,9 @@ def test_guidance_at_or_below_one_is_a_single_conditional_pass(tiny_sd1):
         results[g] = p("a cat", guidance_scale=g, **kw).images
         assert batches == [1, 1], g  # one image, conditional only
     assert np.array_equal(results[0.0], results[1.0]) and np.array_equal(results[1.0], results[-2.5])
+    batches.clear()
+    p("a cat", guidance_scale=7.5, **kw)
+    assert batches == [2, 2]  # [uncond, cond] contexts for the one image
     with pytest.warns(UserWarning, match="guidance_scale=1.0 <= 1 disables classifier-free guidance: the "
                                          "negative prompt is ignored"):
         neg = p("a cat", negative_prompt="blurry", guidance_scale=1.0, **kw)

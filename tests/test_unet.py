@@ -102,6 +102,47 @@ def test_parity_float32(style, size, timesteps, request):
         assert err <= TOL32 * max(1.0, std), f"{style} {size} t={t}: max abs error {err:.3g} (std {std:.3g})"
 
 
+# First down block without attention: the rows are shared through a whole block, its skips joined repeated.
+LATE_CROSS_STYLE = dict(SD1_STYLE, block_out_channels=(16, 32, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("style", ["sd1", "sd2", "late_cross"])
+def test_shared_latents_match_repeated_ones(style, request, tmp_path):
+    """Latents shared by several contexts (classifier-free guidance's [uncond, cond]) give diffusers' output for
+    the repeated batch (tolerance TOL32 of the std), and the same as passing the repeated batch to sd_mlx (1e-5
+    relative: only the order of float32 sums differs); per-latent timesteps follow their latents."""
+    if style == "late_cross":
+        ref, folder = make_reference(tmp_path, seed=3, **LATE_CROSS_STYLE), tmp_path
+    else:
+        ref, folder = request.getfixturevalue(style)
+    ours = load_unet(folder, "float32")
+    torch.manual_seed(13)
+    sample = torch.randn(2, 4, 16, 24)
+    context = torch.randn(6, 7, ref.config.cross_attention_dim)  # 3 contexts per latent
+    repeated = torch.cat([sample] * 3)
+    with torch.no_grad():
+        expected = ref(repeated, torch.tensor([10.0, 700.0] * 3), context).sample.permute(0, 2, 3, 1).numpy()
+    shared = np.array(ours(mx.array(sample.permute(0, 2, 3, 1).numpy()), mx.array([10.0, 700.0]),
+                           mx.array(context.numpy())))
+    full = np.array(ours(mx.array(repeated.permute(0, 2, 3, 1).numpy()), mx.array([10.0, 700.0] * 3),
+                         mx.array(context.numpy())))
+    err, std = max_err(shared, expected)
+    assert err <= TOL32 * max(1.0, std), f"{style}: max abs error {err:.3g} (std {std:.3g})"
+    np.testing.assert_allclose(shared, full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_shared_latents_bad_counts(sd1):
+    _, folder = sd1
+    ours = load_unet(folder, "float32")
+    x, ctx = mx.zeros((2, 16, 16, 4)), mx.zeros((3, 7, 24))
+    with pytest.raises(ValueError, match="3 rows for 2 rows of sample"):
+        ours(x, 1, ctx)
+    with pytest.raises(ValueError, match="timestep has 4 values; expected 1 or one per row of sample"):
+        ours(x, mx.array([1.0, 2.0, 3.0, 4.0]), mx.zeros((4, 7, 24)))
+
+
 def test_inpainting_in_channels_9(tmp_path):
     ref = make_reference(tmp_path, seed=2, **INPAINT_STYLE)
     ours = load_unet(tmp_path)

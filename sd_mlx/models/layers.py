@@ -472,6 +472,8 @@ class ResnetBlock2D(nn.Module):
 
     Call:
         ``x (B, H, W, in_channels)``, ``temb (B, temb_channels)`` or ``None`` -> ``(B, H, W, out_channels)``.
+        ``temb`` may also have ``B / n`` rows, each serving the rows ``i, i + B / n, ...`` of ``x``
+        (:func:`repeat_rows`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
@@ -499,7 +501,7 @@ class ResnetBlock2D(nn.Module):
                 return self._call_streamed(x, rows)
         h = self.conv1(silu(self.norm1(x)))
         if temb is not None and "time_emb_proj" in self:
-            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+            h = h + repeat_rows(self.time_emb_proj(silu(temb)), h.shape[0])[:, None, None, :]
         h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
@@ -696,7 +698,9 @@ class Attention(nn.Module):
         upcast_attention: diffusers' flag; the softmax always runs in float32 here, so it is recorded only.
 
     Call: ``x (B, L, query_dim)``, ``context (B, S, cross_attention_dim) | None``, optional keyword ``residual``
-    ``(B, L, query_dim)`` added to the output (see :func:`linear`) -> ``(B, L, query_dim)``.
+    ``(B, L, query_dim)`` added to the output (see :func:`linear`) -> ``(B, L, query_dim)``. With a context of
+    ``n B`` rows, ``x`` may have ``B``: each query row then attends to its ``n`` contexts (:func:`repeat_rows`:
+    the projection runs once per row of ``x``) and the output (and ``residual``) has ``n B`` rows.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, cross_attention_dim: int | None = None,
@@ -714,8 +718,26 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, context: mx.array | None = None, *,
                  residual: mx.array | None = None) -> mx.array:
         ctx = x if context is None else context
-        o = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        q = repeat_rows(self.to_q(x), ctx.shape[0])
+        o = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
         return linear(self.to_out[0], o, residual)
+
+
+def repeat_rows(a: mx.array, rows: int) -> mx.array:
+    """``a`` ``(B, ...)`` with ``rows`` rows: ``a`` itself when ``rows == B``, else ``rows / B`` copies of the whole
+    batch one after another (row ``k * B + i`` is row ``i``), the order of classifier-free guidance's
+    ``[uncond, cond]`` batch whose halves share their latents (see :meth:`UNet2DConditionModel.__call__
+    <sd_mlx.models.unet.UNet2DConditionModel.__call__>`).
+
+    Raises:
+        ValueError: ``rows`` is not a multiple of ``B``.
+    """
+    b = a.shape[0]
+    if rows == b:
+        return a
+    if b == 0 or rows % b:
+        raise ValueError(f"cannot repeat {b} rows into {rows}: {rows} is not a multiple of {b}")
+    return mx.concatenate([a] * (rows // b), axis=0)
 
 
 def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> mx.array:
@@ -808,7 +830,9 @@ class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm with a residual (diffusers
     ``BasicTransformerBlock``, ``norm_type="layer_norm"``, eps 1e-5, ``only_cross_attention=False``).
 
-    Call: ``x (B, L, dim)``, ``context (B, S, cross_attention_dim)`` -> ``(B, L, dim)``.
+    Call: ``x (B, L, dim)``, ``context (B, S, cross_attention_dim)`` -> ``(B, L, dim)``. ``x`` may have ``B / n``
+    rows, shared by ``n`` contexts (:func:`repeat_rows`): the self-attention then runs once per row of ``x``, and
+    the rows are repeated at the cross-attention; the output has ``B`` rows.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *,
@@ -823,7 +847,7 @@ class BasicTransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         x = self.attn1(self.norm1(x), residual=x)
-        x = self.attn2(self.norm2(x), context, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=repeat_rows(x, context.shape[0]))
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -844,7 +868,8 @@ class Transformer2DModel(nn.Module):
         use_linear_projection: diffusers' flag (recorded; no effect on the maths here).
         upcast_attention: see :class:`Attention`.
 
-    Call: ``x (B, H, W, in_channels)``, ``context (B, S, cross_attention_dim)`` -> ``(B, H, W, in_channels)``.
+    Call: ``x (B, H, W, in_channels)``, ``context (B, S, cross_attention_dim)`` -> ``(B, H, W, in_channels)``;
+    ``x`` may have ``B / n`` rows shared by ``n`` contexts (see :class:`BasicTransformerBlock`).
     """
 
     def __init__(self, heads: int, head_dim: int, in_channels: int, *, num_layers: int, cross_attention_dim: int,
@@ -865,7 +890,8 @@ class Transformer2DModel(nn.Module):
         t = self.proj_in(self.norm(x)).reshape(b, h * w, -1)
         for block in self.transformer_blocks:
             t = block(t, context)
-        return linear(self.proj_out, t, x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        rows = t.shape[0]
+        return linear(self.proj_out, t, repeat_rows(x.reshape(b, h * w, c), rows)).reshape(rows, h, w, c)
 
 
 class SpatialSelfAttention(nn.Module):
