@@ -17,7 +17,8 @@ derivatives (the kernel is an ``mx.custom_function`` whose vjp and jvp are the r
 
 Trade-off: the kernel works on evaluated buffers, so each call evaluates its inputs (``mx.eval``): a U-Net step on
 the CPU is evaluated in pieces instead of once, with the same result. Its working buffers (packed keys and
-values, about ``2 * B * heads * S * d`` floats) are outside MLX's allocator and not in ``mx.get_peak_memory``.
+values, about ``2 * B * heads * S * d`` floats) are outside MLX's allocator and not in ``mx.get_peak_memory``;
+the output is an MLX array it fills in place (:class:`sd_mlx.native.KernelOutput`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import functools
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from . import native
 
@@ -127,11 +127,11 @@ def _run_kernel(fn: Callable, q: mx.array, k: mx.array, v: mx.array, heads: int)
     b, lq, inner = qn.shape
     s = kn.shape[1]
     d = inner // heads
-    out = np.empty((b, lq, inner), np.float32)
-    rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, b, lq, s, heads, d, inner, inner, inner,
+    out = native.KernelOutput((b, lq, inner))
+    rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.view.ctypes.data, b, lq, s, heads, d, inner, inner, inner,
             d ** -0.5, native.cpu_threads())
     if rc == 2:
         raise MemoryError(f"fused CPU attention: could not allocate working buffers for q {q.shape}, k {k.shape}")
     if rc != 0:
         raise ValueError(f"fused CPU attention rejected sizes q {q.shape}, k {k.shape}, heads {heads}")
-    return mx.array(out)
+    return out.array()

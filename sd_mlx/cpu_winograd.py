@@ -45,8 +45,8 @@ fails, no optimised BLAS is loaded (the reference BLAS MLX bundles on Linux is n
 (``mx.eval``), its derivatives are those of the caller's MLX reference (``mx.custom_function``), and inside
 ``mx.compile`` or ``mx.vmap``, where inputs cannot be evaluated, the reference gives the value. Its working
 buffers (about 2 x 64 MB at most, a little more for very narrow layers: transformed inputs; transformed kernels
-and products, in chunks) and the float32 output it fills before MLX copies it are outside MLX's allocator and not
-in ``mx.get_peak_memory``.
+and products, in chunks) are outside MLX's allocator and not in ``mx.get_peak_memory``; the float32 output is an
+MLX array it fills in place (:class:`sd_mlx.native.KernelOutput`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ import functools
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from . import native
 
@@ -182,12 +181,12 @@ def _run_kernel(fn: Callable, x: mx.array, weight: mx.array, bias: mx.array | No
     b, h, w, c = xn.shape
     o = wn.shape[0]
     hout = h if pad_rows else h - 2
-    out = np.empty((b, hout, w, o), np.float32)
-    rc = fn(xn.ctypes.data, wn.ctypes.data, bn[0].ctypes.data if bn else None, out.ctypes.data, b, h, w, c, o,
+    out = native.KernelOutput((b, hout, w, o))
+    rc = fn(xn.ctypes.data, wn.ctypes.data, bn[0].ctypes.data if bn else None, out.view.ctypes.data, b, h, w, c, o,
             int(pad_rows), tile_size(hout, w), WORK_BUDGET_BYTES, native.cpu_threads())
     if rc == 2:
         raise MemoryError(f"Winograd CPU convolution: could not allocate working buffers for x {x.shape}, "
                           f"weight {weight.shape}")
     if rc != 0:
         raise ValueError(f"Winograd CPU convolution failed ({rc}) for x {x.shape}, weight {weight.shape}")
-    return mx.array(out)
+    return out.array()

@@ -198,6 +198,37 @@ def evaluated_float32(*arrays: mx.array) -> tuple[list[np.ndarray], list[mx.arra
     return [np.ascontiguousarray(a) for a in owned], owned
 
 
+class KernelOutput:
+    """A float32 output buffer for a C++ kernel: ``view`` (a writable, C-contiguous numpy array) to fill, then
+    :meth:`array` for the result as an ``mx.array``.
+
+    The buffer is a new evaluated MLX array (``mx.zeros``) whose memory the numpy view shares, so the filled
+    result needs no copy: an ``(8192, 320)`` float32 output costs 0.5 ms to allocate and zero against 1.1 ms to
+    copy from a numpy array on a 2-core x86 CPU, comes from MLX's buffer cache, counts in
+    ``mx.get_peak_memory`` and never exists twice. Nothing else holds the array while the kernel writes it. Should
+    MLX ever hand out a read-only view, the buffer is a numpy array copied by :meth:`array` instead.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        import mlx.core as mx  # noqa: F811  (not at import time: see the module's notes)
+        import numpy as np  # noqa: F811
+
+        out = mx.zeros(shape, mx.float32)
+        mx.eval(out)
+        view = np.asarray(out)
+        if view.flags.writeable and view.flags.c_contiguous and view.shape == tuple(shape):
+            self._array: mx.array | None = out
+            self.view = view
+        else:
+            self._array, self.view = None, np.empty(shape, np.float32)
+
+    def array(self) -> mx.array:
+        """The filled buffer as an ``mx.array`` (float32, the given shape)."""
+        import mlx.core as mx  # noqa: F811
+
+        return self._array if self._array is not None else mx.array(self.view)
+
+
 def with_reference_derivatives(kernel: Callable, reference: Callable) -> Callable:
     """``kernel`` as an ``mx.custom_function`` whose derivatives are those of ``reference``.
 
