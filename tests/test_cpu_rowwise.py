@@ -225,3 +225,31 @@ def test_build_key_covers_the_headers(tmp_path, monkeypatch):
     second = native.build_library(src, cxx)
     assert first != second
     assert ctypes.CDLL(str(first)).value() == 1 and ctypes.CDLL(str(second)).value() == 2
+
+
+def test_kernel_output_is_filled_in_place(monkeypatch):
+    """A kernel's output buffer is the MLX array's own memory: what is written through the view is the array's
+    value (no copy); were MLX to hand out a read-only view, a numpy buffer is copied instead, with the same
+    value."""
+    out = native.KernelOutput((3, 5))
+    assert out.view.flags.writeable and out.view.shape == (3, 5) and out.view.dtype == np.float32
+    out.view[...] = np.arange(15, dtype=np.float32).reshape(3, 5)
+    arr = out.array()
+    assert arr.dtype == mx.float32 and np.array_equal(np.array(arr), np.arange(15).reshape(3, 5))
+    assert out._array is arr  # MLX's buffer, filled in place
+
+    real = np.asarray
+
+    def read_only(a, *args, **kwargs):
+        v = real(a, *args, **kwargs)
+        if isinstance(a, mx.array):
+            v = v.view()
+            v.flags.writeable = False
+        return v
+
+    monkeypatch.setattr(np, "asarray", read_only)
+    fallback = native.KernelOutput((2, 2))
+    monkeypatch.undo()
+    assert fallback._array is None and fallback.view.flags.writeable
+    fallback.view[...] = 7.0
+    assert np.array_equal(np.array(fallback.array()), np.full((2, 2), 7.0))
