@@ -128,8 +128,8 @@ def _run_kernel(fn: Callable, q: mx.array, k: mx.array, v: mx.array, heads: int)
     s = kn.shape[1]
     d = inner // heads
     out = native.KernelOutput((b, lq, inner))
-    rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.view.ctypes.data, b, lq, s, heads, d, inner, inner, inner,
-            d ** -0.5, native.cpu_threads())
+    rc = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.view.ctypes.data, b, lq, s, heads, d, inner, inner,
+            inner, d ** -0.5, native.cpu_threads())
     if rc == 2:
         raise MemoryError(f"fused CPU attention: could not allocate working buffers for q {q.shape}, k {k.shape}")
     if rc != 0:

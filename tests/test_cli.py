@@ -94,8 +94,8 @@ def test_run_writes_pngs_with_a1111_parameters_progress_and_verbose(tiny_sd1, tm
     attention = "attention: fused CPU attention" if fused_attention_status().available else "attention:"
     convolutions = "convolutions: Winograd" if winograd_status().available else "convolutions:"
     norms = "layer norms: multi-threaded" if rowwise_status().available else "layer norms:"
-    for word in ("BLAS:", attention, convolutions, norms, "estimated peak memory", "text_encoding", "decoding", "MLX peak GB",
-                 "RSS peak GB", "s/step", "end to end"):
+    for word in ("BLAS:", attention, convolutions, norms, "estimated peak memory", "text_encoding", "decoding",
+                 "MLX peak GB", "RSS peak GB", "s/step", "end to end"):
         assert word in stderr, word
 
 

@@ -59,6 +59,8 @@ def test_benchmark_end_to_end_on_tiny(tiny_sd1: Path, tmp_path: Path, capsys: py
     assert mlx_r["peak_accel_kind"] == "mlx" and mlx_r["peak_accel_bytes"] > 0
     assert set(mlx_r["blas_status"]) == {"fast", "library", "reason"}
     assert report["blas_status"] == mlx_r["blas_status"]
+    for kernel in ("cpu_attention", "cpu_winograd", "cpu_rowwise"):  # which C++ kernels ran (on the CPU)
+        assert set(mlx_r[kernel]) >= {"available", "library", "reason"}, kernel
     torch_r = next(r for r in results if r["engine"] == "torch")
     assert torch_r["device"] == "cpu" and torch_r["peak_accel_bytes"] is None
     assert torch_r["unet_seconds_per_step"] > 0
@@ -69,6 +71,8 @@ def test_benchmark_end_to_end_on_tiny(tiny_sd1: Path, tmp_path: Path, capsys: py
     md = out_md.read_text()
     assert md in printed
     assert "| batch | engine |" in md and "sd_mlx / diffusers" in md and "BLAS:" in md
+    for part in ("; attention:", "; convolutions:", "; layer norms:"):
+        assert part in md, part
     assert md.count("| 1 | sd_mlx |") == 1 and md.count("| 2 | diffusers |") == 1
     _assert_png(out_png)
     assert report["plot"] == str(out_png)
@@ -181,6 +185,7 @@ def test_profile_memory_quantized_with_psnr(tiny_sd1: Path, tmp_path: Path,
     assert r["models"]["unet"]["quantized_linear"] > 0 and r["models"]["text_encoder"]["quantized_linear"] > 0
     assert r["models"]["unet"]["quantized_conv"] > 0
     assert r["models"]["vae"]["quantized_linear"] == 0 and r["models"]["vae"]["quantized_conv"] == 0
+    assert set(r["cpu_rowwise"]) >= {"available", "library", "reason"} and "; layer norms:" in table
     p = r["psnr"]
     assert not p["identical"] and math.isfinite(p["psnr_db"]) and p["psnr_db"] > 15, p
     print(f"tiny sd1, 8-bit group 32: PSNR {p['psnr_db']:.2f} dB, max abs diff {p['max_abs_diff']:.4f}")

@@ -431,7 +431,7 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any]:
     out["peak_rss_bytes"] = peak_rss_bytes()
     for k in ("peak_rss_after_import_bytes", "peak_accel_bytes", "peak_accel_kind", "versions", "runs"):
         out[k] = res[k]
-    for k in ("blas_status", "blas_status_at_import", "cpu_attention", "cpu_winograd", "torch_threads"):
+    for k in ("blas_status", "blas_status_at_import", "cpu_attention", "cpu_winograd", "cpu_rowwise", "torch_threads"):
         if k in res:
             out[k] = res[k]
     return out
