@@ -42,10 +42,9 @@ FusedAttentionStatus = native.KernelStatus
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, FusedAttentionStatus]:
     kernel = native.load_kernel(SOURCE, _ENV, "the fused CPU attention")
-    if kernel.turned_off:
-        return None, FusedAttentionStatus(False, None, f"{_ENV}=0: MLX's attention operations", turned_off=True)
-    if kernel.library is None:
-        return None, FusedAttentionStatus(False, None, kernel.problem)
+    problem = native.unloaded_status(kernel, _ENV, "MLX's attention operations")
+    if problem is not None:
+        return None, problem
     path = kernel.path
     try:
         fn = kernel_function(kernel.library)
@@ -71,9 +70,7 @@ def fused_attention_status() -> FusedAttentionStatus:
 def fused_attention_status_on_cpu() -> FusedAttentionStatus | None:
     """:func:`fused_attention_status` when MLX computes on the CPU (the only place the kernel is used), else
     ``None``. Never raises."""
-    if mx.default_device() != mx.cpu:
-        return None
-    return fused_attention_status()
+    return native.status_on_cpu(fused_attention_status)
 
 
 AttentionFn = Callable[[mx.array, mx.array, mx.array, int], mx.array]

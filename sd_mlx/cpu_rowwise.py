@@ -40,10 +40,9 @@ RowwiseStatus = native.KernelStatus
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, RowwiseStatus]:
     kernel = native.load_kernel(SOURCE, _ENV, "the CPU LayerNorm and GEGLU")
-    if kernel.turned_off:
-        return None, RowwiseStatus(False, None, f"{_ENV}=0: MLX's LayerNorm and GEGLU", turned_off=True)
-    if kernel.library is None:
-        return None, RowwiseStatus(False, None, kernel.problem)
+    problem = native.unloaded_status(kernel, _ENV, "MLX's LayerNorm and GEGLU")
+    if problem is not None:
+        return None, problem
     lib = kernel.library
     try:
         lib.sd_mlx_layer_norm_f32.restype = ctypes.c_int
@@ -65,9 +64,7 @@ def rowwise_status() -> RowwiseStatus:
 def rowwise_status_on_cpu() -> RowwiseStatus | None:
     """:func:`rowwise_status` when MLX computes on the CPU (the only place the kernels are used), else ``None``.
     Never raises."""
-    if mx.default_device() != mx.cpu:
-        return None
-    return rowwise_status()
+    return native.status_on_cpu(rowwise_status)
 
 
 def _usable(*arrays: mx.array) -> bool:

@@ -75,10 +75,9 @@ WinogradStatus = native.KernelStatus
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, WinogradStatus]:
     kernel = native.load_kernel(SOURCE, _ENV, "the Winograd CPU convolution", ("-ldl",))
-    if kernel.turned_off:
-        return None, WinogradStatus(False, None, f"{_ENV}=0: MLX's convolutions", turned_off=True)
-    if kernel.library is None:
-        return None, WinogradStatus(False, None, kernel.problem)
+    problem = native.unloaded_status(kernel, _ENV, "MLX's convolutions")
+    if problem is not None:
+        return None, problem
     path = kernel.path
     try:
         fn, ready = kernel.library.sd_mlx_winograd_f32, kernel.library.sd_mlx_winograd_ready
@@ -99,9 +98,7 @@ def winograd_status() -> WinogradStatus:
 def winograd_status_on_cpu() -> WinogradStatus | None:
     """:func:`winograd_status` when MLX computes on the CPU (the only place the kernel is used), else ``None``.
     Never raises."""
-    if mx.default_device() != mx.cpu:
-        return None
-    return winograd_status()
+    return native.status_on_cpu(winograd_status)
 
 
 def tile_size(height: int, width: int) -> int:

@@ -162,6 +162,24 @@ class LoadedKernel:
     turned_off: bool = False
 
 
+def unloaded_status(kernel: LoadedKernel, env: str, off_reason: str) -> KernelStatus | None:
+    """The :class:`KernelStatus` of a kernel :func:`load_kernel` did not load (``"{env}=0: {off_reason}"`` when
+    the user turned it off, else the build or load problem); ``None`` when it loaded."""
+    if kernel.turned_off:
+        return KernelStatus(False, None, f"{env}=0: {off_reason}", turned_off=True)
+    if kernel.library is None:
+        return KernelStatus(False, None, kernel.problem or "not loaded")
+    return None
+
+
+def status_on_cpu(status: Callable[[], KernelStatus]) -> KernelStatus | None:
+    """``status()`` when MLX computes on the CPU (the only place the C++ kernels are used), else ``None``. Never
+    raises."""
+    import mlx.core as mx  # noqa: F811  (not at import time: see the module's notes)
+
+    return status() if mx.default_device() == mx.cpu else None
+
+
 def load_kernel(source: Path, env: str, what: str, libs: tuple[str, ...] = ()) -> LoadedKernel:
     """Build (once, cached) and load the kernel library of ``source`` unless ``env`` turns it off. Never raises.
 

@@ -31,12 +31,7 @@ inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
 // The softmax pass works on simd.h's vs vectors: 16 lanes where the CPU has AVX-512 (half the instructions of 8
 // lanes: the 4096-token SD1.5 call 293 -> 268 ms on a 2-core AMD EPYC), else 8.
-using sd_mlx_simd::SW;
-using sd_mlx_simd::vexp;
-using sd_mlx_simd::vload_t;
-using sd_mlx_simd::vs;
-using sd_mlx_simd::vsi;
-using sd_mlx_simd::vstore_t;
+using namespace sd_mlx_simd;
 
 // c[r][0:8 NV] (= or +=) sum over t < T of a[r * a_stride + t] * b[t * b_stride + 0:8 NV], for r < R.
 // R x NV accumulators stay in registers (6 x 2 uses 12 of AVX2's 16).

@@ -7,37 +7,18 @@
 // Layout: float32, row-major, rows of contiguous channels.
 #include <algorithm>
 #include <cmath>
-#include <thread>
-#include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace {
 
-using sd_mlx_simd::SW;
-using sd_mlx_simd::vexp;
-using sd_mlx_simd::vload_t;
-using sd_mlx_simd::vs;
-using sd_mlx_simd::vsi;
-using sd_mlx_simd::vstore_t;
+using namespace sd_mlx_simd;
 
-// Run f(r0, r1) over [0, n) split in `threads` contiguous parts, the calling thread taking the first (and any part
-// whose thread could not be started).
+// f(r0, r1) over [0, n) rows on up to `threads` threads, at least 16 rows a thread (parallel.h).
 template <class F>
 void parallel_rows(long n, int threads, const F& f) {
-  threads = (int)std::max(1L, std::min<long>(threads, n / 16));  // at least 16 rows a thread
-  std::vector<std::thread> pool;
-  std::vector<int> missed;
-  for (int i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back([&, i] { f(n * i / threads, n * (i + 1) / threads); });
-    } catch (...) {
-      missed.push_back(i);
-    }
-  }
-  f(0L, n / threads);
-  for (int i : missed) f(n * i / threads, n * (i + 1) / threads);
-  for (auto& t : pool) t.join();
+  sd_mlx_parallel::ranges(n, (int)std::max(1L, std::min<long>(threads, n / 16)), f);
 }
 
 inline float hsum(vs v) {

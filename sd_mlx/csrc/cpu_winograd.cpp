@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 namespace {
 
 typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
@@ -52,25 +54,10 @@ BlasThreads find_blas_threads() {
   return t;
 }
 
+// f(i0, i1) over [0, n) on up to `threads` threads (parallel.h).
 template <class F>
 void parallel(long n, int threads, const F& f) {
-  threads = (int)std::max(1L, std::min<long>(threads, n));
-  if (threads == 1) {
-    if (n > 0) f(0L, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  std::vector<int> missed;  // parts whose thread could not be started: this thread does them
-  for (int i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back([&, i] { f(n * i / threads, n * (i + 1) / threads); });
-    } catch (...) {
-      missed.push_back(i);
-    }
-  }
-  f(0L, n / threads);
-  for (int i : missed) f(n * i / threads, n * (i + 1) / threads);
-  for (auto& t : pool) t.join();
+  sd_mlx_parallel::ranges(n, threads, f);
 }
 
 // The transform matrices of F(M x M, 3x3), N = M + 2.
