@@ -17,7 +17,7 @@ reference in absolute terms and 2e-6 relative, closer than PyTorch's own float32
 Like :mod:`sd_mlx.cpu_attention`: built by :mod:`sd_mlx.native`, loaded with ``ctypes``, turned off with
 ``SD_MLX_ROWWISE=0``; the functions return ``None`` where the kernel is unavailable, and the caller's MLX
 reference gives the derivatives (``mx.custom_function``) and the value inside ``mx.compile`` / ``mx.vmap``. Each
-call evaluates its inputs, computes in float32 and returns the caller's dtype.
+call evaluates its inputs, computes in float32 and returns the dtype MLX's operations would.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def fused_layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) 
     ``mx.fast.layer_norm`` gives the derivatives and the value inside ``mx.compile`` / ``mx.vmap``.
 
     Returns:
-        ``(..., C)`` in ``x``'s dtype: ``(x - mean) / sqrt(var + eps) * weight + bias`` per row (biased
-        variance), as ``torch.nn.LayerNorm`` (see the module's notes on accuracy).
+        ``(..., C)`` in the promoted dtype of ``x``, ``weight`` and ``bias`` (as ``mx.fast.layer_norm``):
+        ``(x - mean) / sqrt(var + eps) * weight + bias`` per row (biased variance), as ``torch.nn.LayerNorm`` (see
+        the module's notes on accuracy).
 
     Raises:
         ValueError: ``weight`` or ``bias`` is not ``(C,)``.
@@ -95,7 +96,7 @@ def fused_layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) 
                          f"{weight.shape} and {bias.shape}")
     if not _usable(x):
         return None
-    return _differentiable_layer_norm(float(eps), x.dtype)(x, weight, bias)
+    return _differentiable_layer_norm(float(eps), mx.result_type(x, weight, bias))(x, weight, bias)
 
 
 @functools.lru_cache(maxsize=64)

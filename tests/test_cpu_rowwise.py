@@ -99,8 +99,8 @@ def test_gelu_is_exact_over_its_range():
 
 @needs_kernel
 def test_dtypes_follow_the_inputs():
-    """float16 and bfloat16 inputs are computed in float32 and returned in their own dtype; a float16 projection
-    with a float32 bias promotes to float32, as MLX's operations would."""
+    """float16 and bfloat16 inputs are computed in float32 and returned in their own dtype; a float16 input with
+    float32 parameters (LayerNorm) or bias (GEGLU) promotes to float32, as MLX's operations would."""
     rng = np.random.default_rng(2)
     x = mx.array(rng.standard_normal((4, 96), dtype=np.float32))
     w, b = mx.ones((96,)), mx.zeros((96,))
@@ -113,6 +113,8 @@ def test_dtypes_follow_the_inputs():
         assert g.dtype == dt and g.shape == (4, 48)
     promoted = cpu_rowwise.fused_geglu(x.astype(mx.float16), mx.zeros((96,)), layers._geglu_of_projection)
     assert promoted.dtype == mx.float32
+    promoted = cpu_rowwise.fused_layer_norm(x.astype(mx.float16), w, b, 1e-5)
+    assert promoted.dtype == mx.fast.layer_norm(x.astype(mx.float16), w, b, 1e-5).dtype == mx.float32
 
 
 @needs_kernel

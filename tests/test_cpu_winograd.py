@@ -107,6 +107,32 @@ def _openblas_threads():
 
 
 @needs_kernel
+def test_products_per_thread_only_with_a_pthreads_openblas(tmp_path, monkeypatch):
+    """The products run whole per thread only where OpenBLAS is a pthreads build (openblas_get_parallel() == 1):
+    an OpenMP build sets its thread count per calling thread, a serial one may not take concurrent calls."""
+    import ctypes
+    lib = ctypes.CDLL(STATUS.library)
+    try:
+        kind = ctypes.CDLL(None).openblas_get_parallel()
+    except AttributeError:
+        kind = None
+    assert lib.sd_mlx_winograd_products_per_thread() == (1 if kind == 1 else 0)
+    # a library exporting OpenBLAS's thread functions with another threading model is not used that way
+    src = tmp_path / "fake.cpp"
+    src.write_text('extern "C" { int openblas_get_parallel() { return 2; } void openblas_set_num_threads(int) {} '
+                   'int openblas_get_num_threads() { return 1; } void cblas_sgemm() {} }\n')
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake = native.build_library(src, native.compiler())
+    probe = ("import ctypes, sys; ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL); "
+             "print(ctypes.CDLL(sys.argv[2]).sd_mlx_winograd_products_per_thread())")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", probe, str(fake), STATUS.library], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
+
+
+@needs_kernel
 def test_concurrent_calls_share_the_blas_and_restore_its_thread_count():
     """With OpenBLAS the kernel runs its matrix products on its own threads with the BLAS set to one thread: the
     BLAS's count is back to its value after each call, also when calls from two Python threads overlap, and

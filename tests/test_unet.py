@@ -139,6 +139,8 @@ def test_shared_latents_bad_counts(sd1):
     x, ctx = mx.zeros((2, 16, 16, 4)), mx.zeros((3, 7, 24))
     with pytest.raises(ValueError, match="3 rows for 2 rows of sample"):
         ours(x, 1, ctx)
+    with pytest.raises(ValueError, match="sample has no rows"):
+        ours(mx.zeros((0, 16, 16, 4)), 1, mx.zeros((0, 7, 24)))
     with pytest.raises(ValueError, match="timestep has 4 values; expected 1 or one per row of sample"):
         ours(x, mx.array([1.0, 2.0, 3.0, 4.0]), mx.zeros((4, 7, 24)))
 

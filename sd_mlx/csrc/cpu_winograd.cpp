@@ -39,18 +39,32 @@ constexpr int CB = 64;  // channels per inner loop (vectorised by the compiler)
 
 sgemm_t find_sgemm() { return reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm")); }
 
-// OpenBLAS's thread count (both null with another BLAS). With it the kernel runs the n^2 products of a chunk as
-// whole products on its own threads, the BLAS on one thread each: OpenBLAS splitting each of these short products
-// over the cores ran them at 110-160 GFLOP/s on a 2-core x86 CPU, whole products per thread at 165-177.
+// OpenBLAS's thread count (both null otherwise). With it the kernel runs the n^2 products of a chunk as whole
+// products on its own threads, the BLAS on one thread each: OpenBLAS splitting each of these short products over
+// the cores ran them at 110-160 GFLOP/s on a 2-core x86 CPU, whole products per thread at 165-185. Only for a
+// pthreads build of OpenBLAS (openblas_get_parallel() == 1) whose thread functions come from the library that
+// provides cblas_sgemm: an OpenMP build sets the count per calling thread (each new thread would run its products
+// on all cores), and a serial build may not allow concurrent calls.
 struct BlasThreads {
   void (*set)(int);
   int (*get)();
 };
 
-BlasThreads find_blas_threads() {
+bool same_library(const void* a, const void* b) {
+  Dl_info ia, ib;
+  return dladdr(a, &ia) && dladdr(b, &ib) && ia.dli_fbase == ib.dli_fbase;
+}
+
+BlasThreads find_blas_threads(sgemm_t sgemm) {
+  const BlasThreads none{nullptr, nullptr};
   BlasThreads t{reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")),
                 reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))};
-  if (!t.set || !t.get) t.set = nullptr, t.get = nullptr;
+  const auto parallel_kind = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  if (!t.set || !t.get || !parallel_kind || parallel_kind() != 1) return none;
+  const void* s = reinterpret_cast<const void*>(sgemm);
+  for (const void* f : {reinterpret_cast<const void*>(t.set), reinterpret_cast<const void*>(t.get),
+                        reinterpret_cast<const void*>(parallel_kind)})
+    if (!same_library(s, f)) return none;
   return t;
 }
 
@@ -279,13 +293,18 @@ void products(sgemm_t sgemm, const BlasThreads& bt, int P, const float* v, const
     // Concurrent calls share one saved count: the first in sets one thread, the last out restores it.
     static std::mutex lock;
     static int active = 0, saved = 0;
-    {
-      std::lock_guard<std::mutex> hold(lock);
-      if (active++ == 0) saved = bt.get(), bt.set(1);
-    }
+    struct OneBlasThread {  // restores the count when the last caller leaves, also on an exception
+      const BlasThreads& bt;
+      explicit OneBlasThread(const BlasThreads& b) : bt(b) {
+        std::lock_guard<std::mutex> hold(lock);
+        if (active++ == 0) saved = bt.get(), bt.set(1);
+      }
+      ~OneBlasThread() {
+        std::lock_guard<std::mutex> hold(lock);
+        if (--active == 0) bt.set(saved);
+      }
+    } one(bt);
     parallel(P, threads, run);
-    std::lock_guard<std::mutex> hold(lock);
-    if (--active == 0) bt.set(saved);
   } else {
     run(0, P);
   }
@@ -341,6 +360,13 @@ extern "C" {
 // 1 when an optimised BLAS's cblas_sgemm is in the process's global scope (the kernel needs it), else 0.
 int sd_mlx_winograd_ready() { return find_sgemm() != nullptr; }
 
+// 1 when the products run whole on the kernel's threads with the BLAS set to one thread (a pthreads OpenBLAS, see
+// BlasThreads), 0 when they run one after another on the BLAS's own threads.
+int sd_mlx_winograd_products_per_thread() {
+  const sgemm_t sgemm = find_sgemm();
+  return sgemm && find_blas_threads(sgemm).set ? 1 : 0;
+}
+
 // tile: 2 for F(2x2, 3x3), 4 for F(4x4, 3x3). Returns 0 on success, 1 for invalid sizes, 2 when memory could not be
 // allocated, 3 without cblas_sgemm.
 int sd_mlx_winograd_f32(const float* x, const float* w, const float* bias, float* y, int B, int Hin, int W, int C,
@@ -352,7 +378,7 @@ int sd_mlx_winograd_f32(const float* x, const float* w, const float* bias, float
   g.Hout = pad_rows ? Hin : Hin - 2;
   g.top = pad_rows ? -1 : 0;
   if (B < 1 || W < 1 || C < 1 || O < 1 || g.Hout < 1) return 1;
-  const BlasThreads bt = find_blas_threads();
+  const BlasThreads bt = find_blas_threads(sgemm);
   if (tile == 2) return convolve<2>(sgemm, bt, x, w, bias, y, g, budget_bytes, threads);
   if (tile == 4) return convolve<4>(sgemm, bt, x, w, bias, y, g, budget_bytes, threads);
   return 1;

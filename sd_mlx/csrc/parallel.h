@@ -19,6 +19,7 @@ void ranges(long n, int threads, const F& f) {
   }
   std::vector<std::thread> pool;
   std::vector<int> missed;
+  pool.reserve(threads), missed.reserve(threads);  // no allocation (and no throw) while threads run
   for (int i = 1; i < threads; ++i) {
     try {
       pool.emplace_back([&, i] { f(n * i / threads, n * (i + 1) / threads); });

@@ -775,7 +775,7 @@ class LayerNorm(nn.LayerNorm):
     the CPU by the multi-threaded kernel of :mod:`sd_mlx.cpu_rowwise` (about 10x faster there than MLX's
     single-threaded passes; same values to float32 rounding), elsewhere ``mx.fast.layer_norm``.
 
-    Call: ``(..., dims) -> (..., dims)``, same dtype.
+    Call: ``(..., dims) -> (..., dims)``, in the promoted dtype of the input and the parameters.
     """
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -438,15 +438,17 @@ class UNet2DConditionModel(nn.Module):
             ``(B, h, w, out_channels)`` in :attr:`dtype`.
 
         Raises:
-            ValueError: ``B`` is not a multiple of the rows of ``sample``, or ``timestep`` has neither one value nor
-                one per row of ``sample``.
+            ValueError: ``sample`` has no rows, ``B`` is not a multiple of its rows, or ``timestep`` has neither one
+                value nor one per row of ``sample``.
         """
         c = self.config
         dtype = self.dtype
         x = sample.astype(dtype)
         context = encoder_hidden_states.astype(dtype)
         b, rows = x.shape[0], context.shape[0]
-        if b == 0 or rows % b:
+        if b == 0:
+            raise ValueError("sample has no rows: pass at least one latent")
+        if rows % b:
             raise ValueError(f"encoder_hidden_states has {rows} rows for {b} rows of sample: it needs as many, or "
                              f"a multiple (each latent shared by that many contexts)")
         t = mx.array(timestep) if not isinstance(timestep, mx.array) else timestep
