@@ -770,7 +770,7 @@ class StableDiffusionPipeline:
         """Guided model output for latents ``x`` ``(b, h, w, C)``: one U-Net evaluation on ``[uncond, cond]``
         (``2b`` rows) with guidance, else on ``cond`` alone; float32. With guidance the ``b`` latents go in once,
         shared by both contexts (the U-Net repeats them at its first cross-attention, see
-        ``UNet2DConditionModel.__call__``): the same result as ``[x, x]``, with less work."""
+        ``UNet2DConditionModel.__call__``): the result of ``[x, x]`` up to float32 rounding, with less work."""
         ctx = cond if uncond is None else mx.concatenate([uncond, cond], axis=0)
         t_in = mx.full((x.shape[0],), t, dtype=mx.float32)
         out = unet(x.astype(self.compute_dtype), t_in, ctx).astype(mx.float32)

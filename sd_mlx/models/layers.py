@@ -800,7 +800,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if type(self.proj) is nn.Linear:
+        if type(self.proj) is nn.Linear and mx.default_device() == mx.cpu:
             bias = self.proj.bias if "bias" in self.proj else None
             out = fused_geglu(x @ self.proj.weight.T, bias, _geglu_of_projection)
             if out is not None:

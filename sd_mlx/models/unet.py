@@ -429,7 +429,9 @@ class UNet2DConditionModel(nn.Module):
                 ``mx.concatenate([sample] * n)`` (row ``k * B / n + i`` uses latents ``i``: classifier-free
                 guidance's ``[uncond, cond]`` batch of the same latents), and everything before the first
                 cross-attention (the input convolution, the first resnet, the first self-attention: about 3% of
-                an SD1.5 step at 512x512) runs once per latent instead of ``n`` times, with the same values.
+                an SD1.5 step at 512x512) runs once per latent instead of ``n`` times. The values are the same up
+                to float32 rounding: products over fewer rows may sum in another order (full-size SD1.5 at
+                64x64: 9.7e-6 max abs difference, outputs of std 0.3).
             timestep: scalar (Python number or 0-d array) or an array with one value per row of ``sample``; may
                 be fractional. The sinusoidal embedding is computed in float32, then cast to :attr:`dtype`.
             encoder_hidden_states: ``(B, T, cross_attention_dim)`` text embeddings (cast to :attr:`dtype`).
