@@ -41,16 +41,8 @@ FusedAttentionStatus = native.KernelStatus
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, FusedAttentionStatus]:
-    kernel = native.load_kernel(SOURCE, _ENV, "the fused CPU attention")
-    problem = native.unloaded_status(kernel, _ENV, "MLX's attention operations")
-    if problem is not None:
-        return None, problem
-    path = kernel.path
-    try:
-        fn = kernel_function(kernel.library)
-    except AttributeError as e:
-        return None, FusedAttentionStatus(False, None, f"could not load the fused CPU attention: {e}")
-    return fn, FusedAttentionStatus(True, str(path), f"fused CPU attention: {path}")
+    return native.bind_kernel(SOURCE, _ENV, "the fused CPU attention", off_reason="MLX's attention operations",
+                              in_use="fused CPU attention", bind=kernel_function)
 
 
 def kernel_function(library: ctypes.CDLL) -> Callable:

@@ -39,20 +39,17 @@ RowwiseStatus = native.KernelStatus
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, RowwiseStatus]:
-    kernel = native.load_kernel(SOURCE, _ENV, "the CPU LayerNorm and GEGLU")
-    problem = native.unloaded_status(kernel, _ENV, "MLX's LayerNorm and GEGLU")
-    if problem is not None:
-        return None, problem
-    lib = kernel.library
-    try:
-        lib.sd_mlx_layer_norm_f32.restype = ctypes.c_int
-        lib.sd_mlx_layer_norm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int, ctypes.c_float,
-                                                                      ctypes.c_int]
-        lib.sd_mlx_geglu_f32.restype = ctypes.c_int
-        lib.sd_mlx_geglu_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int, ctypes.c_int]
-    except AttributeError as e:
-        return None, RowwiseStatus(False, None, f"could not load the CPU LayerNorm and GEGLU: {e}")
-    return lib, RowwiseStatus(True, kernel.path, f"multi-threaded CPU LayerNorm and GEGLU: {kernel.path}")
+    return native.bind_kernel(SOURCE, _ENV, "the CPU LayerNorm and GEGLU", off_reason="MLX's LayerNorm and GEGLU",
+                              in_use="multi-threaded CPU LayerNorm and GEGLU", bind=_bind)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.sd_mlx_layer_norm_f32.restype = ctypes.c_int
+    lib.sd_mlx_layer_norm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int, ctypes.c_float,
+                                                                  ctypes.c_int]
+    lib.sd_mlx_geglu_f32.restype = ctypes.c_int
+    lib.sd_mlx_geglu_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    return lib
 
 
 def rowwise_status() -> RowwiseStatus:

@@ -74,20 +74,22 @@ WinogradStatus = native.KernelStatus
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, WinogradStatus]:
-    kernel = native.load_kernel(SOURCE, _ENV, "the Winograd CPU convolution", ("-ldl",))
-    problem = native.unloaded_status(kernel, _ENV, "MLX's convolutions")
-    if problem is not None:
-        return None, problem
-    path = kernel.path
-    try:
-        fn, ready = kernel.library.sd_mlx_winograd_f32, kernel.library.sd_mlx_winograd_ready
-    except AttributeError as e:
-        return None, WinogradStatus(False, None, f"could not load the Winograd CPU convolution: {e}")
+    bound, status = native.bind_kernel(SOURCE, _ENV, "the Winograd CPU convolution", off_reason="MLX's convolutions",
+                                       in_use="Winograd F(4x4) and F(2x2) 3x3 CPU convolutions", bind=_bind,
+                                       libs=("-ldl",))
+    if bound is None:
+        return None, status
+    fn, ready = bound
     if not ready():
-        return None, WinogradStatus(False, str(path), "no optimised BLAS (cblas_sgemm) loaded: MLX's convolutions")
+        return None, WinogradStatus(False, status.library, "no optimised BLAS (cblas_sgemm) loaded: MLX's convolutions")
+    return fn, status
+
+
+def _bind(library: ctypes.CDLL) -> tuple[Callable, Callable]:
+    fn, ready = library.sd_mlx_winograd_f32, library.sd_mlx_winograd_ready
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_long, ctypes.c_int]
-    return fn, WinogradStatus(True, str(path), f"Winograd F(4x4) and F(2x2) 3x3 CPU convolutions: {path}")
+    return fn, ready
 
 
 def winograd_status() -> WinogradStatus:

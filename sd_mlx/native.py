@@ -3,12 +3,14 @@
 Each kernel source is compiled once per source (with the headers beside it), flags, compiler and CPU with ``g++
 -O3 -march=native -fno-math-errno`` (``$CXX`` when set, which may carry a launcher such as ``ccache g++``) into
 ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes`` by the module that uses it
-(:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`). The install is atomic (concurrent builders each
-install a complete file) and the library is world-readable (a cache shared by several users). The cache key
-includes the CPU's flags: ``-march=native`` code must not be reused on another CPU sharing a home folder.
+(:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`, :mod:`sd_mlx.cpu_rowwise`). The install is atomic
+(concurrent builders each install a complete file) and the library is world-readable (a cache shared by several
+users). The cache key includes the CPU's flags: ``-march=native`` code must not be reused on another CPU sharing a
+home folder.
 
-It also holds what both kernel wrappers share: their status record (:class:`KernelStatus`), the evaluation of
-their inputs into buffers the C++ reads (:func:`evaluated_float32`), and the ``mx.custom_function`` that takes
+It also holds what the kernel wrappers share: loading with their status record (:func:`bind_kernel`,
+:class:`KernelStatus`), the evaluation of their inputs into buffers the C++ reads (:func:`evaluated_float32`), the
+output arrays the C++ fills (:class:`KernelOutput`), and the ``mx.custom_function`` that takes
 the derivatives (and the value under ``mx.compile``/``mx.vmap``) from an MLX reference
 (:func:`with_reference_derivatives`). This module does not import MLX at import time: ``import sd_mlx`` reaches
 it (through :mod:`sd_mlx.cpu_memory`) before the fast BLAS is loaded, which must come first.
@@ -26,7 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # MLX is imported at call time only (see above)
     import mlx.core as mx
@@ -162,14 +164,29 @@ class LoadedKernel:
     turned_off: bool = False
 
 
-def unloaded_status(kernel: LoadedKernel, env: str, off_reason: str) -> KernelStatus | None:
-    """The :class:`KernelStatus` of a kernel :func:`load_kernel` did not load (``"{env}=0: {off_reason}"`` when
-    the user turned it off, else the build or load problem); ``None`` when it loaded."""
+def bind_kernel(source: Path, env: str, what: str, *, off_reason: str, in_use: str,
+                bind: Callable[[ctypes.CDLL], Any], libs: tuple[str, ...] = ()) -> tuple[Any, KernelStatus]:
+    """Build and load a kernel (:func:`load_kernel`) and bind its entry points. Never raises.
+
+    Args:
+        source, env, what, libs: as :func:`load_kernel`.
+        off_reason: what runs instead, for the status when ``env`` turns the kernel off (``"{env}=0: ..."``).
+        in_use: the status's reason when it loaded (``"{in_use}: {path}"``).
+        bind: ``library -> entry points`` (setting their ctypes signatures); may raise ``AttributeError``.
+
+    Returns:
+        ``(bind(library), status)``, or ``(None, status saying why not)``.
+    """
+    kernel = load_kernel(source, env, what, libs)
     if kernel.turned_off:
-        return KernelStatus(False, None, f"{env}=0: {off_reason}", turned_off=True)
+        return None, KernelStatus(False, None, f"{env}=0: {off_reason}", turned_off=True)
     if kernel.library is None:
-        return KernelStatus(False, None, kernel.problem or "not loaded")
-    return None
+        return None, KernelStatus(False, None, kernel.problem or f"could not load {what}")
+    try:
+        bound = bind(kernel.library)
+    except AttributeError as e:
+        return None, KernelStatus(False, None, f"could not load {what}: {e}")
+    return bound, KernelStatus(True, kernel.path, f"{in_use}: {kernel.path}")
 
 
 def status_on_cpu(status: Callable[[], KernelStatus]) -> KernelStatus | None:

@@ -157,10 +157,7 @@ void query_block(const Problem& p, int item, float* scratch) {
         s0 += e0;
         vstore_t(sr + c, e0);
       }
-      s0 += s1;
-      float total = 0.0f;
-      for (int i = 0; i < SW; ++i) total += s0[i];
-      l[r] = l[r] * alpha + total;
+      l[r] = l[r] * alpha + hsum(s0 + s1);
       if (alpha != 1.0f) {
         float* o = ob + r * Dp;
         for (int d = 0; d < Dp; d += 8) vstore(o + d, vload(o + d) * alpha);

@@ -21,12 +21,6 @@ void parallel_rows(long n, int threads, const F& f) {
   sd_mlx_parallel::ranges(n, (int)std::max(1L, std::min<long>(threads, n / 16)), f);
 }
 
-inline float hsum(vs v) {
-  float s = 0.0f;
-  for (int i = 0; i < SW; ++i) s += v[i];
-  return s;
-}
-
 // 1 + erf(z) with a relative error of a few float32 ulps everywhere: erfc(|z|) = t exp(-z^2 + P(t)),
 // t = 1 / (1 + |z| / 2), P the degree-9 Chebyshev fit of Numerical Recipes' erfcc (fractional error < 1.2e-7), and
 // 1 + erf(z) = 2 - erfc(z) for z >= 0, erfc(-z) for z < 0 (no cancellation on either side).

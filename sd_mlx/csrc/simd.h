@@ -26,6 +26,13 @@ inline V vload_t(const float* p) {
 template <class V>
 inline void vstore_t(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
+// The sum of the SW lanes of v.
+inline float hsum(vs v) {
+  float s = 0.0f;
+  for (int i = 0; i < SW; ++i) s += v[i];
+  return s;
+}
+
 // e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes expf coefficients),
 // 2^n put in the exponent bits. Inputs below -87 give about 1e-38 instead of a denormal or 0; NaN stays NaN.
 // V is a float vector type, VI the int vector of the same lanes.
