@@ -8,18 +8,21 @@ Public API::
     result.images[0].save("out.png")
 
 Importing sd_mlx first loads an optimised BLAS for MLX's Linux CPU backend when one is installed (see
-:mod:`sd_mlx.blas`; that has to happen before ``mlx`` is imported, hence the order below) and lets MLX's CPU JIT
-build its fused kernels for the host CPU (:mod:`sd_mlx.cpu_jit`); on glibc Linux it keeps freed buffers mapped for
-reuse (:mod:`sd_mlx.cpu_memory`).
+:mod:`sd_mlx.cpu.blas`; that has to happen before ``mlx`` is imported, hence the order below) and lets MLX's CPU JIT
+build its fused kernels for the host CPU (:mod:`sd_mlx.cpu.jit`); on glibc Linux it keeps freed buffers mapped for
+reuse (:mod:`sd_mlx.cpu.memory`). With ``SD_MLX_CPU_KERNELS=0`` (the portable path, see :mod:`sd_mlx.ops`) only the
+BLAS is loaded: the JIT flags and the allocator are left as a Mac or CUDA user has them.
 """
 
-from .blas import enable_fast_blas as _enable_fast_blas
-from .cpu_jit import enable_native_cpu_jit as _enable_native_cpu_jit
-from .cpu_memory import keep_freed_buffers as _keep_freed_buffers
+from .cpu.blas import enable_fast_blas as _enable_fast_blas
+from .cpu.jit import enable_native_cpu_jit as _enable_native_cpu_jit
+from .cpu.memory import keep_freed_buffers as _keep_freed_buffers
+from .cpu.native import turned_off as _turned_off
 
 BLAS_STATUS = _enable_fast_blas()
-NATIVE_CPU_JIT = _enable_native_cpu_jit()
-KEEP_FREED_MEMORY = _keep_freed_buffers()
+_PORTABLE = _turned_off("SD_MLX_CPU_KERNELS")
+NATIVE_CPU_JIT = None if _PORTABLE else _enable_native_cpu_jit()
+KEEP_FREED_MEMORY = None if _PORTABLE else _keep_freed_buffers()
 
 from .errors import (  # noqa: E402
     ConfigError,
@@ -41,7 +44,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in every model; import it on first use so `import sd_mlx.blas` stays light.
+    # The pipeline pulls in every model; import it on first use so `import sd_mlx.cpu.blas` stays light.
     if name in ("load_pipeline", "StableDiffusionPipeline", "PipelineOutput"):
         from . import pipeline
 

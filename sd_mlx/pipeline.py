@@ -29,7 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_memory import return_freed_memory
+from . import ops
+from .cpu.memory import return_freed_memory
 from .errors import InvalidArgumentError, ModelNotFoundError, NonFiniteError
 from .images import GenerationParameters, to_pil
 from .loading.components import parse_dtype
@@ -245,7 +246,7 @@ def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes:
             whole score matrix; ``None`` means "when MLX's default device is the CPU".
     """
     if chunked_attention is None:
-        chunked_attention = mx.default_device() == mx.cpu
+        chunked_attention = ops.attention_is_chunked()
     h, w = height // vae_scale_factor, width // vae_scale_factor
     attention = 0
     for level, (kind, heads) in enumerate(zip(unet_config.down_block_types, unet_config.heads)):
@@ -253,9 +254,9 @@ def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes:
             tokens = -(-h // 2**level) * -(-w // 2**level)
             attention = unet_rows * heads * tokens * tokens * 4
             if chunked_attention:
-                from .models.layers import _CPU_CHUNK_ELEMENTS
+                from .cpu.attention import CHUNK_ELEMENTS
 
-                attention = min(attention, 3 * _CPU_CHUNK_ELEMENTS * 4)
+                attention = min(attention, 3 * CHUNK_ELEMENTS * 4)
             break
     decoder = 0
     if vae_channels:
@@ -352,8 +353,7 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError(f"quantize_group_size must be 32, 64 or 128, got {quantize_group_size!r}")
         self.quantize, self.quantize_group_size = quantize, quantize_group_size
         self.quantize_convolutions = bool(quantize_convolutions)
-        on_cpu = mx.default_device() == mx.cpu
-        self.compute_dtype = mx.float32 if on_cpu and (self.dtype != mx.float32 or quantize) else self.dtype
+        self.compute_dtype = ops.compute_dtype(self.dtype, quantized=bool(quantize))
         self._vae_path = Path(vae).expanduser() if vae is not None else None
         if self._vae_path is not None and not self._vae_path.exists():
             raise ModelNotFoundError(f"{self._vae_path}: TAESD not found; pass a folder with "
@@ -468,7 +468,7 @@ class StableDiffusionPipeline:
 
     def release(self, *names: str) -> None:
         """Drop loaded models (``"text_encoder"``, ``"unet"``, ``"vae"``; all when none named), MLX's cache and the
-        free heap pages (:func:`sd_mlx.cpu_memory.return_freed_memory`).
+        free heap pages (:func:`sd_mlx.cpu.memory.return_freed_memory`).
 
         Raises:
             InvalidArgumentError: an unknown component name.
@@ -479,7 +479,7 @@ class StableDiffusionPipeline:
         for n in names or tuple(self._models):
             self._models.pop(n, None)
         mx.clear_cache()
-        return_freed_memory()  # sd_mlx.cpu_memory keeps freed buffers mapped; give them back between phases
+        return_freed_memory()  # sd_mlx.cpu.memory keeps freed buffers mapped; give them back between phases
 
     @property
     def vae_scale_factor(self) -> int:

@@ -8,10 +8,11 @@ one offset per ``group_size`` consecutive input weights, as ``mlx.nn.quantize`` 
   quantizing only the linear layers leaves it at 1.26 GB with float16 convolutions, against 0.48 GB with both.
 - Norms, embeddings and the layers that do not divide evenly stay in full precision.
 
-How a quantized layer computes: on a GPU, linear layers use ``mx.quantized_matmul``; on the CPU (where MLX's
-quantized and half-precision products are 50-75x slower than float32 BLAS, measured at 8192x1280x1280), each
-layer's weights are dequantized as they are used and multiplied in float32, so only one layer's full-precision
-weight exists at a time. Convolutions always dequantize their weight first (MLX has no quantized convolution).
+How a quantized layer computes is chosen by :func:`sd_mlx.ops.quantized_linear`: on a GPU (and on the portable
+path), linear layers use ``mx.quantized_matmul``; with the Linux CPU machinery (where MLX's quantized and
+half-precision products are 50-75x slower than float32 BLAS, measured at 8192x1280x1280), each layer's weights are
+dequantized as they are used and multiplied in float32, so only one layer's full-precision weight exists at a
+time. Convolutions always dequantize their weight first (MLX has no quantized convolution).
 """
 
 from __future__ import annotations
@@ -21,28 +22,19 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from .errors import InvalidArgumentError
-from .models.layers import apply_conv2d
+from .ops import conv2d, quantized_linear
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     """``mlx.nn.QuantizedLinear`` (same parameters: packed ``weight``, ``scales``, ``biases``, optional ``bias``)
-    that dequantizes and uses a float32-friendly product on the CPU.
+    whose product is chosen by :func:`sd_mlx.ops.quantized_linear` (dequantized float32 products on the CPU).
 
-    Call: ``(..., input_dims) -> (..., output_dims)``; on the CPU the result has the promoted dtype of the input and
-    the scales (float32 activations stay float32).
+    Call: ``(..., input_dims) -> (..., output_dims)``; on the CPU path the result has the promoted dtype of the input
+    and the scales (float32 activations stay float32).
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        # Dequantize straight into the activation dtype (scales and offsets cast first: tiny), so the layer's only
-        # transient is one full-precision weight.
-        dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self["scales"].dtype
-        biases = self.get("biases")
-        w = mx.dequantize(self["weight"], self["scales"].astype(dt), None if biases is None else biases.astype(dt),
-                          group_size=self.group_size, bits=self.bits, mode=self.mode)
-        y = x @ w.T
-        return y + self["bias"] if "bias" in self else y
+        return quantized_linear(self, x)
 
 
 class QuantizedConv2d(nn.Module):
@@ -51,7 +43,7 @@ class QuantizedConv2d(nn.Module):
     Parameters: ``weight`` (packed, ``(O, kh * kw * C_in * bits / 32)`` uint32), ``scales`` and ``biases``
     (``(O, kh * kw * C_in / group_size)``) in the source weight's dtype, optional ``bias`` ``(O,)``. The kernel is
     dequantized to ``(O, kh, kw, C_in)`` at each call (freed after the layer) and applied by
-    :func:`sd_mlx.models.layers.apply_conv2d` with the source layer's ``taps``/``strips`` choice, as
+    :func:`sd_mlx.ops.conv2d` with the source layer's ``taps``/``strips`` choice, as
     ``sd_mlx.models.layers.Conv2d`` does.
 
     Call: ``(B, H, W, C_in) -> (B, H', W', O)``.
@@ -88,7 +80,7 @@ class QuantizedConv2d(nn.Module):
         dt = x.dtype if mx.issubdtype(x.dtype, mx.floating) else self.scales.dtype
         w = mx.dequantize(self.weight, self.scales.astype(dt), self.biases.astype(dt), group_size=self.group_size,
                           bits=self.bits)
-        return apply_conv2d(x, w.reshape(self.kernel_shape), self["bias"] if "bias" in self else None,
+        return conv2d(x, w.reshape(self.kernel_shape), self["bias"] if "bias" in self else None,
                             stride=self.stride, padding=self.padding, dilation=self.dilation, taps=self.use_taps,
                             strips=self.use_strips, upsample2x=upsample2x)
 

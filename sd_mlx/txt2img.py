@@ -21,9 +21,9 @@ from typing import Any, Sequence
 # sd_mlx must be imported before mlx (it loads a fast BLAS on Linux first).
 import sd_mlx
 
-from .cpu_attention import fused_attention_status_on_cpu  # noqa: E402
-from .cpu_rowwise import rowwise_status_on_cpu  # noqa: E402
-from .cpu_winograd import winograd_status_on_cpu  # noqa: E402
+from .cpu.attention import fused_attention_status_on_cpu  # noqa: E402
+from .cpu.rowwise import rowwise_status_on_cpu  # noqa: E402
+from .cpu.winograd import winograd_status_on_cpu  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The SD 1.5 weights on the Hugging Face Hub (the original runwayml repo was taken down in 2024)."""
@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
                 raise sd_mlx.OutputError(f"{p}: file exists; pass --overwrite to replace it, or choose another "
                                          f"--output")
     if not sd_mlx.BLAS_STATUS.fast:
-        from .blas import SLOW_PATH_HINT, blas_status_for_backend
+        from .cpu.blas import SLOW_PATH_HINT, blas_status_for_backend
 
         if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
             print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)

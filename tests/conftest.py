@@ -8,7 +8,8 @@
   seed and the diffusers/transformers/torch versions, so a change to any of them rebuilds). Skipped with a reason
   when diffusers/transformers/torch or the assets are missing.
 * ``sd_mlx`` is imported first, so its fast BLAS is loaded before anything imports ``mlx``.
-* Tests marked ``slow`` run only with ``--runslow`` or ``SD_MLX_SLOW=1``.
+* Tests marked ``slow`` run only with ``--runslow`` or ``SD_MLX_SLOW=1``; tests marked ``cpu_kernels`` (the Linux CPU
+  machinery itself) are skipped when ``SD_MLX_CPU_KERNELS=0`` selects the portable path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Importing sd_mlx before any test module imports mlx loads the optimised BLAS for MLX's CPU backend (sd_mlx.blas);
+# Importing sd_mlx before any test module imports mlx loads the optimised BLAS for MLX's CPU backend (sd_mlx.cpu.blas);
 # without it MLX convolutions and matmuls on Linux CPUs are several times slower.
 import sd_mlx  # noqa: E402,F401
 
@@ -38,7 +39,7 @@ TINY_SEED = 0
 @pytest.fixture(scope="module", autouse=True)
 def _torch_one_thread():
     """Run the torch reference single-threaded: its OpenMP threads and the OpenBLAS threads MLX uses
-    (sd_mlx.blas) busy-wait against each other on small machines, making the reference 10-20x slower."""
+    (sd_mlx.cpu.blas) busy-wait against each other on small machines, making the reference 10-20x slower."""
     torch = sys.modules.get("torch")
     if torch is None:
         yield
@@ -135,13 +136,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run tests marked slow (full-size checks; also SD_MLX_SLOW=1)")
 
 
+def portable_path() -> bool:
+    """True when this run tests the portable path (``SD_MLX_CPU_KERNELS=0``: the code a Mac or CUDA user runs)."""
+    from sd_mlx.cpu.native import turned_off
+
+    return turned_off("SD_MLX_CPU_KERNELS")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or os.environ.get("SD_MLX_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow test: run with --runslow or SD_MLX_SLOW=1")
+    run_slow = config.getoption("--runslow") or os.environ.get("SD_MLX_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow test: run with --runslow or SD_MLX_SLOW=1")
+    skip_kernels = pytest.mark.skip(reason="tests the Linux CPU machinery, off on the portable path "
+                                           "(SD_MLX_CPU_KERNELS=0)")
+    portable = portable_path()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "cpu_kernels" in item.keywords and portable:
+            item.add_marker(skip_kernels)
 
 
 def run_probe(program: str, cache: Path, **env: str) -> tuple[str, str, float]:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sd_mlx.blas import BlasStatus, enable_fast_blas
+from sd_mlx.cpu.blas import BlasStatus, enable_fast_blas
 
 PROBE = r"""
 import json, sys
@@ -81,7 +81,7 @@ print(sd_mlx.BLAS_STATUS.fast, seen[0], os.environ.get("OPENBLAS_THREAD_TIMEOUT"
 def test_openblas_thread_timeout_while_loading(user_value):
     """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it is loaded: sd_mlx sets its short value for that moment only,
     and leaves a value the user set alone."""
-    from sd_mlx.blas import OPENBLAS_THREAD_TIMEOUT
+    from sd_mlx.cpu.blas import OPENBLAS_THREAD_TIMEOUT
 
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "SD_MLX_BLAS")}
     if user_value is not None:

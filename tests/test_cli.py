@@ -19,9 +19,9 @@ from PIL import Image
 import sd_mlx
 import mlx.core as mx
 from sd_mlx import txt2img
-from sd_mlx.cpu_attention import fused_attention_status
-from sd_mlx.cpu_rowwise import rowwise_status
-from sd_mlx.cpu_winograd import winograd_status
+from sd_mlx.cpu.attention import fused_attention_status
+from sd_mlx.cpu.rowwise import rowwise_status
+from sd_mlx.cpu.winograd import winograd_status
 from sd_mlx.images import read_parameters, to_uint8
 from sd_mlx.pipeline import StableDiffusionPipeline, load_pipeline
 
@@ -102,7 +102,7 @@ def test_run_writes_pngs_with_a1111_parameters_progress_and_verbose(tiny_sd1, tm
 def test_warns_when_cpu_attention_is_unavailable(tiny_sd1, tmp_path, monkeypatch, capsys):
     """On the CPU without the fused kernel the CLI says so, and why, before any work (and still runs); not when
     the user turned it off."""
-    from sd_mlx.cpu_attention import FusedAttentionStatus
+    from sd_mlx.cpu.attention import FusedAttentionStatus
 
     off = FusedAttentionStatus(False, None, "no C++ compiler (g++, c++, clang++ or $CXX) found")
     monkeypatch.setattr(txt2img, "fused_attention_status_on_cpu", lambda: off)

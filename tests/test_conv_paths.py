@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sd_mlx.loading.keymaps.taesd import conv_kernel
+from sd_mlx import ops
 from sd_mlx.loading.keymaps.unet import conv_weight
 from sd_mlx.models import layers
 
@@ -25,7 +26,7 @@ def _arr(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> mx.array:
 def _budget_rows(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], rows: int, f: int = 1) -> None:
     """Shrink the strip budget so an input of ``shape`` is cut into strips of ``rows`` input rows."""
     b, _, w, c = shape
-    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", b * f * f * w * 9 * c * 4 * rows)
+    monkeypatch.setattr(ops, "CONV_UNFOLD_BUDGET_BYTES", b * f * f * w * 9 * c * 4 * rows)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 16, 16, 8), (2, 9, 4, 3), (1, 1, 1, 2)])
@@ -37,7 +38,7 @@ def test_upsample2x_conv3x3_equals_upsample_then_conv(shape: tuple[int, int, int
     w = _arr(rng, 5, 3, 3, shape[-1], scale=1 / np.sqrt(9 * shape[-1]))
     b = _arr(rng, 5)
     ref = mx.conv2d(layers.upsample_nearest(x), w, padding=1) + b
-    got = layers.upsample2x_conv3x3(x, w, b, taps=taps)
+    got = ops.upsample2x_conv3x3(x, w, b, taps=taps)
     assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 5)
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-5, rtol=0)
 
@@ -62,8 +63,8 @@ def test_upsample2d_fused_and_strip_paths(monkeypatch: pytest.MonkeyPatch, strip
 
 def test_upsample_fusion_skipped_when_kernel_is_larger_than_the_upsampled_input(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = layers.upsample2x_conv3x3
-    monkeypatch.setattr(layers, "upsample2x_conv3x3", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = ops.upsample2x_conv3x3
+    monkeypatch.setattr(ops, "upsample2x_conv3x3", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     conv = layers.Conv2d(64, 64, kernel_size=3, padding=1)
     conv(mx.zeros((1, 4, 4, 64)), upsample2x=True)  # upsampled input 4096 values < kernel 36864
     conv(mx.zeros((1, 32, 32, 64)), upsample2x=True)
@@ -95,7 +96,7 @@ def test_norm_silu_conv_streamed_equals_plain(monkeypatch: pytest.MonkeyPatch) -
     norm.weight, norm.bias = _arr(rng, 6), _arr(rng, 6)
     conv = layers.Conv2d(6, 3, kernel_size=3, padding=1, strips=True)
     x = _arr(rng, 1, 10, 9, 6, scale=2.0)
-    ref = mx.conv2d(layers.silu(norm(x)), conv.weight, padding=1) + conv.bias
+    ref = mx.conv2d(ops.silu(norm(x)), conv.weight, padding=1) + conv.bias
     _budget_rows(monkeypatch, x.shape, 4)
     got = layers.norm_silu_conv(norm, conv, x)
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5, rtol=0)

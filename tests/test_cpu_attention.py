@@ -9,12 +9,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd_mlx import cpu_attention, native
+from sd_mlx.cpu import attention as cpu_attention, native
 from conftest import run_probe
-from sd_mlx.models import layers
+from sd_mlx import ops
+
+pytestmark = pytest.mark.cpu_kernels  # the Linux CPU machinery itself: skipped on the portable path
 
 STATUS = cpu_attention.fused_attention_status()
-REF = layers._attention_cpu_tokens  # MLX's operations: the kernel's reference
+REF = cpu_attention.chunked_attention  # MLX's operations: the kernel's reference
 needs_kernel = pytest.mark.skipif(not STATUS.available, reason=f"fused CPU attention not built: {STATUS.reason}")
 
 
@@ -74,12 +76,12 @@ def test_large_scores_do_not_overflow():
 def test_same_values_as_mlx_path_and_dtypes():
     """attention() on the CPU (fused) agrees with the MLX fallback path; float16 inputs give float16 outputs."""
     q, k, v = (mx.array(t) for t in _inputs(2, 333, 333, 4, 40, seed=2))
-    fused = layers.attention(q, k, v, 4)
+    fused = ops.attention(q, k, v, 4)
     b, lq, inner = q.shape
     split = [t.reshape(b, -1, 4, 40).transpose(0, 2, 1, 3) for t in (q, k, v)]
-    plain = layers._attention_cpu(*split, 40 ** -0.5).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+    plain = cpu_attention._chunked_heads(*split, 40 ** -0.5).transpose(0, 2, 1, 3).reshape(b, lq, inner)
     np.testing.assert_allclose(np.array(fused), np.array(plain), rtol=0, atol=2e-5)
-    half = layers.attention(*(t.astype(mx.float16) for t in (q, k, v)), 4)
+    half = ops.attention(*(t.astype(mx.float16) for t in (q, k, v)), 4)
     assert half.dtype == mx.float16
     np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(plain), rtol=0, atol=2e-2)
 
@@ -109,7 +111,7 @@ def test_bad_shapes_raise():
 def test_empty_inputs_give_zeros():
     """No queries or no keys: attention() returns zeros of the right shape on every path (no crash)."""
     for lq, s in ((0, 3), (4, 0), (0, 0)):
-        out = layers.attention(mx.ones((2, lq, 8)), mx.ones((2, s, 8)), mx.ones((2, s, 8)), 2)
+        out = ops.attention(mx.ones((2, lq, 8)), mx.ones((2, s, 8)), mx.ones((2, s, 8)), 2)
         assert out.shape == (2, lq, 8) and not np.array(out).any()
 
 
@@ -118,10 +120,10 @@ def test_inside_compile_and_vmap_uses_the_reference():
     """Under mx.compile and mx.vmap the inputs cannot be evaluated: the kernel's reference gives the value, the
     same as the eager (fused) result."""
     q, k, v = (mx.array(t) for t in _inputs(1, 70, 90, 2, 16, seed=4))
-    eager = np.array(layers.attention(q, k, v, 2))
-    compiled = mx.compile(lambda q, k, v: layers.attention(q, k, v, 2))(q, k, v)
+    eager = np.array(ops.attention(q, k, v, 2))
+    compiled = mx.compile(lambda q, k, v: ops.attention(q, k, v, 2))(q, k, v)
     np.testing.assert_allclose(np.array(compiled), eager, rtol=0, atol=2e-5)
-    mapped = mx.vmap(lambda q, k, v: layers.attention(q, k, v, 2))(*(mx.stack([t, t]) for t in (q, k, v)))
+    mapped = mx.vmap(lambda q, k, v: ops.attention(q, k, v, 2))(*(mx.stack([t, t]) for t in (q, k, v)))
     np.testing.assert_allclose(np.array(mapped), np.stack([eager, eager]), rtol=0, atol=2e-5)
 
 
@@ -135,15 +137,15 @@ def test_derivatives_are_those_of_the_mlx_path():
     def loss(fn):
         return lambda q, k, v: (fn(q, k, v, 2) * w).sum()
 
-    fused = mx.grad(loss(layers.attention), argnums=(0, 1, 2))(q, k, v)
+    fused = mx.grad(loss(ops.attention), argnums=(0, 1, 2))(q, k, v)
     plain = mx.grad(loss(REF), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(fused, plain):
         assert float(mx.abs(b).max()) > 0.1
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-5)
-    value, _ = mx.value_and_grad(loss(layers.attention))(q, k, v)
+    value, _ = mx.value_and_grad(loss(ops.attention))(q, k, v)
     np.testing.assert_allclose(float(value), float(loss(REF)(q, k, v)), rtol=1e-5)
     tangents = [mx.ones_like(q), mx.zeros_like(k), mx.zeros_like(v)]
-    jf = mx.jvp(lambda q, k, v: layers.attention(q, k, v, 2), [q, k, v], tangents)[1][0]
+    jf = mx.jvp(lambda q, k, v: ops.attention(q, k, v, 2), [q, k, v], tangents)[1][0]
     jp = mx.jvp(lambda q, k, v: REF(q, k, v, 2), [q, k, v], tangents)[1][0]
     assert float(mx.abs(jp).max()) > 0.1
     np.testing.assert_allclose(np.array(jf), np.array(jp), rtol=0, atol=1e-5)
@@ -178,8 +180,8 @@ def test_library_is_cached_by_content():
     assert os.stat(path).st_mode & 0o055 == 0o055  # readable by others sharing the cache
 
 
-_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_attention as c; "
-          "from sd_mlx.models.layers import attention; st = c.fused_attention_status(); "
+_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx.cpu import attention as c; "
+          "from sd_mlx.ops import attention; st = c.fused_attention_status(); "
           "x = mx.array(np.random.default_rng(0).standard_normal((1, 20, 8), dtype=np.float32)); "
           "print(st.available, '|', st.reason, '|', float(attention(x, x, x, 2).sum()))")
 
@@ -212,7 +214,7 @@ def test_jvp_in_q_only():
     """A jvp in q alone (k and v constant, as for cross-attention's context): MLX passes no tangent for k and v."""
     q, k, v = (mx.array(t) for t in _inputs(1, 40, 30, 2, 8))
     tangent = mx.ones_like(q)
-    jf = mx.jvp(lambda q: layers.attention(q, k, v, 2), [q], [tangent])[1][0]
+    jf = mx.jvp(lambda q: ops.attention(q, k, v, 2), [q], [tangent])[1][0]
     jp = mx.jvp(lambda q: REF(q, k, v, 2), [q], [tangent])[1][0]
     assert float(mx.abs(jp).max()) > 1e-3
     np.testing.assert_allclose(np.array(jf), np.array(jp), rtol=0, atol=1e-5)

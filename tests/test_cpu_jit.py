@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 import sd_mlx
-from sd_mlx.cpu_jit import enable_native_cpu_jit
+from sd_mlx.cpu.jit import enable_native_cpu_jit
+
+pytestmark = pytest.mark.cpu_kernels  # the Linux CPU machinery itself: skipped on the portable path
 
 linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
                                reason="the wrapper is for MLX's Linux CPU JIT, which needs g++")
@@ -61,7 +63,8 @@ def test_can_be_turned_off():
 
 
 def test_compiled_kernels_match_plain_ops():
-    from sd_mlx.models.layers import _exp_shifted, _gated_gelu, silu
+    from sd_mlx.cpu.attention import _exp_shifted
+    from sd_mlx.ops import _gated_gelu, _silu_cpu as silu
 
     x = mx.random.normal((3, 17, 33), key=mx.random.key(0)) * 4
     m = mx.max(x, axis=-1, keepdims=True)

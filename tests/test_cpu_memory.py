@@ -1,4 +1,4 @@
-"""sd_mlx.cpu_memory: with glibc, a freed big MLX buffer is reused without page faults, and return_freed_memory
+"""sd_mlx.cpu.memory: with glibc, a freed big MLX buffer is reused without page faults, and return_freed_memory
 gives the pages back; turned off, nothing changes. Each case runs in a fresh process (malloc settings are global)."""
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_kernels  # the Linux CPU machinery itself: skipped on the portable path
+
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
                            reason="the malloc thresholds are a glibc (Linux) setting")
 
 _PROBE = r"""
 import json, resource
 import sd_mlx, mlx.core as mx
-from sd_mlx.cpu_memory import return_freed_memory
+from sd_mlx.cpu.memory import return_freed_memory
 
 def rss():
     with open("/proc/self/status") as fh:

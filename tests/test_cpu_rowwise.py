@@ -8,9 +8,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from sd_mlx import cpu_rowwise, native
+from sd_mlx.cpu import rowwise as cpu_rowwise, native
 from conftest import run_probe
+from sd_mlx import ops
 from sd_mlx.models import layers
+
+pytestmark = pytest.mark.cpu_kernels  # the Linux CPU machinery itself: skipped on the portable path
 
 STATUS = cpu_rowwise.rowwise_status()
 needs_kernel = pytest.mark.skipif(not STATUS.available, reason=f"CPU LayerNorm/GEGLU not built: {STATUS.reason}")
@@ -76,7 +79,7 @@ def test_geglu_matches_float64(shape):
     h = (rng.standard_normal(shape) * 3).astype(np.float32)
     bias = rng.standard_normal(shape[-1]).astype(np.float32)
     for b in (bias, None):
-        got = cpu_rowwise.fused_geglu(mx.array(h), None if b is None else mx.array(b), layers._geglu_of_projection)
+        got = cpu_rowwise.fused_geglu(mx.array(h), None if b is None else mx.array(b), ops._geglu_of_projection)
         ref = _geglu64(h, b)
         assert got is not None and got.dtype == mx.float32 and got.shape == ref.shape
         np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
@@ -89,7 +92,7 @@ def test_gelu_is_exact_over_its_range():
     g = np.concatenate([np.linspace(-12, 12, 48_001), [-1e4, -100.0, -30.0, 30.0, 100.0, 1e4, 0.0, -0.0]])
     g = g[: g.size // 31 * 31].astype(np.float32).reshape(-1, 31)  # 31 wide: vector lanes and a scalar tail
     h = np.concatenate([np.ones_like(g), g], axis=-1)
-    got = np.array(cpu_rowwise.fused_geglu(mx.array(h), None, layers._geglu_of_projection))
+    got = np.array(cpu_rowwise.fused_geglu(mx.array(h), None, ops._geglu_of_projection))
     ref = _gelu64(g)
     err = np.abs(got - ref)
     big = np.abs(ref) > 1e-6
@@ -109,9 +112,9 @@ def test_dtypes_follow_the_inputs():
         ref = mx.fast.layer_norm(x.astype(dt), w.astype(dt), b.astype(dt), 1e-5)
         assert out.dtype == dt
         np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32)), atol=2e-2)
-        g = cpu_rowwise.fused_geglu(x.astype(dt), None, layers._geglu_of_projection)
+        g = cpu_rowwise.fused_geglu(x.astype(dt), None, ops._geglu_of_projection)
         assert g.dtype == dt and g.shape == (4, 48)
-    promoted = cpu_rowwise.fused_geglu(x.astype(mx.float16), mx.zeros((96,)), layers._geglu_of_projection)
+    promoted = cpu_rowwise.fused_geglu(x.astype(mx.float16), mx.zeros((96,)), ops._geglu_of_projection)
     assert promoted.dtype == mx.float32
     promoted = cpu_rowwise.fused_layer_norm(x.astype(mx.float16), w, b, 1e-5)
     assert promoted.dtype == mx.fast.layer_norm(x.astype(mx.float16), w, b, 1e-5).dtype == mx.float32
@@ -134,8 +137,8 @@ def test_derivatives_and_compile_use_the_mlx_reference():
     for g1, g2 in zip(got, want):
         np.testing.assert_allclose(np.array(g1), np.array(g2), rtol=1e-5, atol=1e-5)
     h = mx.array(rng.standard_normal((3, 40), dtype=np.float32))
-    dg = mx.grad(lambda h, b: cpu_rowwise.fused_geglu(h, b, layers._geglu_of_projection).sum(), argnums=(0, 1))(h, b)
-    dr = mx.grad(lambda h, b: layers._geglu_of_projection(h, b).sum(), argnums=(0, 1))(h, b)
+    dg = mx.grad(lambda h, b: cpu_rowwise.fused_geglu(h, b, ops._geglu_of_projection).sum(), argnums=(0, 1))(h, b)
+    dr = mx.grad(lambda h, b: ops._geglu_of_projection(h, b).sum(), argnums=(0, 1))(h, b)
     for g1, g2 in zip(dg, dr):
         np.testing.assert_allclose(np.array(g1), np.array(g2), rtol=1e-5, atol=1e-6)
     compiled = mx.compile(lambda x, w, b: cpu_rowwise.fused_layer_norm(x, w, b, 1e-5))(x, w, b)
@@ -147,15 +150,15 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match=r"weight and bias of shape \(8,\)"):
         cpu_rowwise.fused_layer_norm(x, mx.zeros((7,)), mx.zeros((8,)), 1e-5)
     with pytest.raises(ValueError, match="h \\(..., 2n\\)"):
-        cpu_rowwise.fused_geglu(mx.zeros((2, 7)), None, layers._geglu_of_projection)
+        cpu_rowwise.fused_geglu(mx.zeros((2, 7)), None, ops._geglu_of_projection)
     with pytest.raises(ValueError, match="bias \\(2n,\\)"):
-        cpu_rowwise.fused_geglu(x, mx.zeros((4,)), layers._geglu_of_projection)
+        cpu_rowwise.fused_geglu(x, mx.zeros((4,)), ops._geglu_of_projection)
 
 
 @needs_kernel
 def test_empty_inputs_fall_back():
     assert cpu_rowwise.fused_layer_norm(mx.zeros((0, 8)), mx.ones((8,)), mx.zeros((8,)), 1e-5) is None
-    assert cpu_rowwise.fused_geglu(mx.zeros((0, 8)), None, layers._geglu_of_projection) is None
+    assert cpu_rowwise.fused_geglu(mx.zeros((0, 8)), None, ops._geglu_of_projection) is None
 
 
 def _count(monkeypatch, name: str) -> list[int]:
@@ -166,7 +169,7 @@ def _count(monkeypatch, name: str) -> list[int]:
         calls.append(1)
         return fn(*args, **kwargs)
 
-    monkeypatch.setattr(layers, name, counted)
+    monkeypatch.setattr(ops, name, counted)
     return calls
 
 
@@ -192,7 +195,7 @@ def test_transformer_block_uses_them_and_matches_mlx(monkeypatch):
     assert not geglus  # QuantizedLinear: MLX's path
 
 
-_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_rowwise as c; "
+_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx.cpu import rowwise as c; "
           "from sd_mlx.models import layers; st = c.rowwise_status(); mx.random.seed(0); "
           "blk = layers.BasicTransformerBlock(32, 2, 16, 24); x = mx.random.normal((1, 20, 32)); "
           "print(st.available, '|', st.reason, '|', float(blk(x, mx.random.normal((1, 5, 24))).sum()))")

@@ -9,12 +9,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sd_mlx import cpu_winograd, native
+from sd_mlx.cpu import winograd as cpu_winograd, native
 from conftest import run_probe
+from sd_mlx import ops
+from sd_mlx.cpu import conv as cpu_conv
 from sd_mlx.models import layers
 
+pytestmark = pytest.mark.cpu_kernels  # the Linux CPU machinery itself: skipped on the portable path
+
 STATUS = cpu_winograd.winograd_status()
-REF = layers.conv3x3_taps  # MLX's operations: the kernel's reference
+REF = cpu_conv.conv3x3_taps  # MLX's operations: the kernel's reference
 needs_kernel = pytest.mark.skipif(not STATUS.available, reason=f"Winograd CPU convolution off: {STATUS.reason}")
 
 
@@ -218,7 +222,7 @@ def test_bad_shapes_raise():
 def _count_calls(monkeypatch) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
     real = cpu_winograd.winograd_conv3x3
-    monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    monkeypatch.setattr(ops, "winograd_conv3x3", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
     return calls
 
 
@@ -257,12 +261,12 @@ def test_vae_strips_use_it(monkeypatch, upsample2x):
     k = mx.array((rng.standard_normal((16, 3, 3, 16)) * 0.1).astype(np.float32))
     bias = mx.array(rng.standard_normal(16).astype(np.float32))
     ref = mx.conv2d(layers.upsample_nearest(x) if upsample2x else x, k, padding=1) + bias
-    got = layers.conv3x3_strips(x, k, bias, rows=6, upsample2x=upsample2x)
+    got = ops.conv3x3_strips(x, k, bias, rows=6, upsample2x=upsample2x)
     assert len(calls) == 3
     np.testing.assert_allclose(np.array(got), np.array(ref), rtol=0, atol=TOLERANCE[4] * float(mx.abs(ref).max()))
 
 
-_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx import cpu_winograd as c; "
+_PROBE = ("import sd_mlx, mlx.core as mx, numpy as np; from sd_mlx.cpu import winograd as c; "
           "from sd_mlx.models import layers; st = c.winograd_status(); "
           "rng = np.random.default_rng(0); x = mx.array(rng.standard_normal((1, 16, 16, 16), dtype=np.float32)); "
           "conv = layers.Conv2d(16, 16, kernel_size=3, padding=1, taps=True); "

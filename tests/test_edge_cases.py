@@ -22,6 +22,7 @@ import pytest
 import sd_mlx
 import mlx.core as mx
 from sd_mlx import ConfigError, InvalidArgumentError, ModelNotFoundError, NonFiniteError, WeightLoadError, txt2img
+from sd_mlx import ops
 from sd_mlx.models.layers import repeat_rows
 from sd_mlx.pipeline import StableDiffusionPipeline, estimate_memory, load_pipeline
 from sd_mlx.schedulers import SCHEDULER_NAMES, get_scheduler
@@ -198,10 +199,10 @@ def test_memory_estimate_refuses_sizes_that_do_not_fit(fresh, monkeypatch):
     assert fresh.loaded_models == ()
     est = fresh.estimate_memory(512, 512)
     full = 2 * 8 * (64 * 64) ** 2 * 4  # [uncond, cond] x 8 heads x 4096^2 scores x 4 bytes
-    if mx.default_device() == mx.cpu:  # the CPU attention works on bounded query chunks
-        from sd_mlx.models.layers import _CPU_CHUNK_ELEMENTS
+    if ops.attention_is_chunked():  # the CPU attention works on bounded query chunks
+        from sd_mlx.cpu.attention import CHUNK_ELEMENTS
 
-        full = min(full, 3 * _CPU_CHUNK_ELEMENTS * 4)
+        full = min(full, 3 * CHUNK_ELEMENTS * 4)
     assert est.attention == full
     assert f"512x512 needs at least about {sd_mlx.pipeline._gb(est.total)} of memory" in msg, msg
     assert "U-Net self-attention" in msg and "more than the 104.9 MB available" in msg

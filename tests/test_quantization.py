@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from sd_mlx import load_pipeline
+from sd_mlx import ops
+from sd_mlx.cpu import conv as cpu_conv
 from sd_mlx.errors import InvalidArgumentError
 from sd_mlx.models import layers
 from sd_mlx.quantization import QuantizedConv2d, QuantizedLinear, quantize_model
@@ -30,15 +32,16 @@ def test_conv3x3_taps_equals_conv2d(shape: tuple[int, int, int, int], bias: bool
     w = mx.array(rng.standard_normal((o, 3, 3, shape[-1])).astype(np.float32) / np.sqrt(9 * shape[-1]))
     b = mx.array(rng.standard_normal(o).astype(np.float32)) if bias else None
     ref = mx.conv2d(x, w, padding=1) + (b if bias else 0)
-    got = layers.conv3x3_taps(x, w, b)
+    got = cpu_conv.conv3x3_taps(x, w, b)
     assert got.shape == ref.shape
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5, rtol=0)
 
 
+@pytest.mark.cpu_kernels
 def test_conv2d_taps_path_taken_on_large_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = layers.conv3x3_taps
-    monkeypatch.setattr(layers, "conv3x3_taps", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = ops.conv3x3_taps
+    monkeypatch.setattr(ops, "conv3x3_taps", lambda *a: calls.append(a[0].shape) or real(*a))
     conv = layers.Conv2d(4, 4, kernel_size=3, padding=1, taps=True)
     small = mx.zeros((1, 8, 8, 4))
     big = mx.zeros((1, 64, 32, 4))
@@ -106,6 +109,7 @@ def _image(pipe, **kw) -> np.ndarray:
                 show_progress=False, **kw).images
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="compute_dtype float32 is the CPU behaviour")
 def test_half_and_quantized_weights_compute_in_float32_on_cpu(tiny_sd1: Path) -> None:
     """float16 weights on the CPU compute in float32: the image is within 2/255 of the float32 one (only the
@@ -144,7 +148,7 @@ def test_quantized_load_still_rejects_non_finite_weights(tiny_sd1: Path, tmp_pat
 
 def test_strip_convolution_uses_taps_per_strip_and_matches_conv2d(monkeypatch: pytest.MonkeyPatch) -> None:
     """The VAE's row strips (forced by a tiny unfold budget) equal one mx.conv2d within 1e-5."""
-    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", 200_000)
+    monkeypatch.setattr(ops, "CONV_UNFOLD_BUDGET_BYTES", 200_000)
     rng = np.random.default_rng(3)
     conv = layers.Conv2d(16, 8, kernel_size=3, padding=1, strips=True)
     x = mx.array(rng.standard_normal((2, 37, 29, 16)).astype(np.float32))

@@ -97,14 +97,16 @@ def test_strip_paths_parity(tiny, budget, monkeypatch):
     """With a tiny strip budget, the large-input paths (streamed resnets, strip-wise GroupNorm statistics, strip
     convolutions with the fused x2 upsample, streamed norm_out + conv_out) run on a small model: decode and encode
     still match diffusers at TOL32."""
+    from sd_mlx import ops
     from sd_mlx.models import layers
 
     ref, folder = tiny
     ours = load_vae(folder)
     calls = []
-    real = layers.conv3x3_strips
-    monkeypatch.setattr(layers, "conv3x3_strips", lambda *a, **k: calls.append(k) or real(*a, **k))
-    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", budget)
+    real = ops.conv3x3_strips
+    for module in (layers, ops):  # the resnets' norm + SiLU strips, and the convolutions' own
+        monkeypatch.setattr(module, "conv3x3_strips", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(ops, "CONV_UNFOLD_BUDGET_BYTES", budget)
     torch.manual_seed(3)
     z = torch.randn(1, 4, 6, 5)
     x = torch.rand(1, 3, 40, 48) * 2 - 1

@@ -27,6 +27,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from sd_mlx import ops  # noqa: E402
 from sd_mlx.errors import InvalidArgumentError  # noqa: E402
 from sd_mlx.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
 from sd_mlx.models.vae_tiling import (  # noqa: E402
@@ -200,8 +201,8 @@ def test_tiled_decode_peak_memory_small_config(monkeypatch):
     own, the Winograd kernel by evaluating each convolution with its working buffers outside MLX's allocator)."""
     import sd_mlx.models.layers as layers
 
-    monkeypatch.setattr(layers, "CONV_UNFOLD_BUDGET_BYTES", 2**62)
-    monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a, **k: None)
+    monkeypatch.setattr(ops, "CONV_UNFOLD_BUDGET_BYTES", 2**62)
+    monkeypatch.setattr(ops, "winograd_conv3x3", lambda *a, **k: None)
     cfg = VAEConfig(**{**TINY, "sample_size": 256})
     untiled, tiled, estimate = _memory_comparison(cfg, 512, "small VAE (16,32,32,32)")
     assert tiled <= untiled / 3

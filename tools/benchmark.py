@@ -220,10 +220,10 @@ def _worker_mlx(a: argparse.Namespace) -> dict[str, Any]:
 
     import mlx.core as mx
     import numpy as np
-    from sd_mlx.blas import blas_status_for_backend
-    from sd_mlx.cpu_attention import fused_attention_status_on_cpu
-    from sd_mlx.cpu_rowwise import rowwise_status_on_cpu
-    from sd_mlx.cpu_winograd import winograd_status_on_cpu
+    from sd_mlx.cpu.blas import blas_status_for_backend
+    from sd_mlx.cpu.attention import fused_attention_status_on_cpu
+    from sd_mlx.cpu.rowwise import rowwise_status_on_cpu
+    from sd_mlx.cpu.winograd import winograd_status_on_cpu
 
     rss_import = peak_rss_bytes()
     if a.mlx_device == "cpu":

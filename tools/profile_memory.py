@@ -115,10 +115,10 @@ def _call(pipe: Any, a: argparse.Namespace, *, tiled: str | None, release: bool)
 
 def profile_memory(a: argparse.Namespace) -> dict[str, Any]:
     """Run the measured call (and the PSNR reference when asked) and return the JSON-ready report."""
-    from sd_mlx.blas import blas_status_for_backend
-    from sd_mlx.cpu_attention import fused_attention_status_on_cpu
-    from sd_mlx.cpu_rowwise import rowwise_status_on_cpu
-    from sd_mlx.cpu_winograd import winograd_status_on_cpu
+    from sd_mlx.cpu.blas import blas_status_for_backend
+    from sd_mlx.cpu.attention import fused_attention_status_on_cpu
+    from sd_mlx.cpu.rowwise import rowwise_status_on_cpu
+    from sd_mlx.cpu.winograd import winograd_status_on_cpu
 
     blas = blas_status_for_backend(sd_mlx.BLAS_STATUS)
     attention = fused_attention_status_on_cpu()

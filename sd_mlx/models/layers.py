@@ -7,8 +7,10 @@ acting on the channel axis, whose weight is ``(O, I)``).
 
 Layout conventions: feature maps are ``(B, H, W, C)``, token sequences ``(B, L, C)``; parameters are in the dtype
 chosen at load time. Where diffusers computes something in float32 on purpose (the sinusoidal timestep embedding,
-softmax in attention) we do too; group and layer norms accumulate their statistics in float32
-(``mx.fast.layer_norm``, or on the CPU the multi-threaded kernel of :mod:`sd_mlx.cpu_rowwise`).
+softmax in attention) we do too; group and layer norms accumulate their statistics in float32.
+
+The maths is written once here; how attention, convolutions, norms and activations are computed on each device is
+chosen by :mod:`sd_mlx.ops`, which these blocks call.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from ..cpu_attention import fused_attention
-from ..cpu_rowwise import fused_geglu, fused_layer_norm
-from ..cpu_winograd import winograd_conv3x3
+from .. import ops
+from ..ops import conv2d, conv3x3_strips, linear, silu, strip_rows, upsample_nearest
 
 
 @partial(mx.compile, shapeless=True)
@@ -103,260 +103,6 @@ def group_norm(num_groups: int, channels: int, eps: float) -> GroupNorm:
     return GroupNorm(num_groups, channels, eps=eps, affine=True, pytorch_compatible=True)
 
 
-# Above this many bytes of unfolded input (MLX builds a (H*W, 9*C) matrix for a 3x3 convolution on the CPU and
-# for large inputs on the GPU), a 3x3 convolution is computed in row strips, each evaluated before the next.
-CONV_UNFOLD_BUDGET_BYTES = 128 * 2**20
-
-# On the CPU, a stride-1 3x3 convolution with at least this many output pixels per image runs as nine shifted
-# matrix products (conv3x3_taps) instead of MLX's unfold-then-GEMM. Measured on a 2-core x86 CPU with OpenBLAS,
-# batch 2: 64x64x320 -> 320 channels 93 -> 135 GFLOP/s, 64x64x640 -> 320 93 -> 149, 32x32x640 -> 640 101 -> 107
-# (and no 9x unfolded buffer); at 16x16 and below the unfolded GEMM is faster (the taps re-read the weights nine
-# times), hence the threshold.
-CPU_TAPS_MIN_PIXELS = 1024
-
-# On the CPU, a stride-1 3x3 convolution with at least this many output pixels per image and at least
-# CPU_WINOGRAD_MIN_CHANNELS input and output channels runs through Winograd's minimal filtering (sd_mlx.cpu_winograd:
-# F(4x4, 3x3) from 32x32 outputs, F(2x2, 3x3) below) when that kernel is available, upsampling first for an x2
-# upsampling convolution. Measured on a 2-core x86 CPU with OpenBLAS, batch 2: 64x64x320 -> 320 55 ms (F4) against
-# 79 (F2) and 127-133 (taps); 16x16x1280 -> 1280 82 (F2) against 106 (MLX's conv2d); at 8x8x1280 the kernel
-# transform costs more than it saves (31 against 29 ms). Whole U-Net step (SD1.5, CFG): 14.3 -> 11.5 s.
-CPU_WINOGRAD_MIN_PIXELS = 256
-CPU_WINOGRAD_MIN_CHANNELS = 16
-
-
-def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None, *, pad_rows: bool = True) -> mx.array:
-    """Stride-1, padding-1 3x3 convolution as nine shifted matrix products, without an unfolded input.
-
-    The input is zero-padded to ``(H + 3, W + 2)`` and flattened per image; the tap ``(dy, dx)`` then reads the
-    contiguous run of ``H * (W + 2)`` rows starting at ``dy * (W + 2) + dx``, so each tap is one ``(H*(W+2), C) @
-    (C, O)`` product on a view (no copy), accumulated with ``mx.addmm``. The outputs computed for the two padding
-    columns are dropped at the end (3% extra work at 64 wide). Working memory is about two outputs and one padded
-    input instead of MLX's ``(B*H*W, 9*C)`` unfolded matrix (283 MB for SD1.5's 64x64x960 up-block convolution at
-    batch 2). Same sums as ``mx.conv2d`` up to float rounding (each pixel's 9*C products are summed per tap first).
-
-    Args:
-        x: ``(B, H, W, C)``.
-        weight: ``(O, 3, 3, C)`` (MLX's convolution layout).
-        bias: ``(O,)`` or ``None``.
-        pad_rows: ``False`` when ``x`` already carries its one-row halo above and below (a row strip of a larger
-            input): no zero rows are added and the output has ``H - 2`` rows.
-
-    Returns:
-        ``(B, H, W, O)`` (``(B, H - 2, W, O)`` without ``pad_rows``) in the promoted dtype of ``x`` and ``weight``.
-    """
-    b, _, w, _ = x.shape
-    xf, h, wp = _flat_padded(x, pad_rows)
-    out = _shifted_products(xf, h * wp, [(dy * wp + dx, weight[:, dy, dx, :].T) for dy in range(3) for dx in range(3)])
-    out = out.reshape(b, h, wp, weight.shape[0])[:, :, :w]
-    return out + bias if bias is not None else out
-
-
-def _flat_padded(x: mx.array, pad_rows: bool) -> tuple[mx.array, int, int]:
-    # x (B, H, W, C) zero-padded by one column each side, one row above and below (unless it already carries its
-    # halo rows: pad_rows=False) and one spare row at the bottom (the last tap's run ends two values past the last
-    # halo row), flattened per image to (B, rows * (W + 2), C). Returns it, the output rows and W + 2.
-    b, h, w, c = x.shape
-    top = 1 if pad_rows else 0
-    h = h if pad_rows else h - 2
-    return mx.pad(x, [(0, 0), (top, top + 1), (1, 1), (0, 0)]).reshape(b, (h + 3) * (w + 2), c), h, w + 2
-
-
-def _shifted_products(xf: mx.array, n: int, taps: list[tuple[int, mx.array]]) -> mx.array:
-    # sum over (start, kernel (C, O)) of xf[:, start:start + n] @ kernel: views of the flattened input, no copies,
-    # accumulated with addmm
-    out = None
-    for start, kernel in taps:
-        part = xf[:, start:start + n]
-        out = part @ kernel if out is None else mx.addmm(out, part, kernel)
-    return out
-
-
-def _upsample2x_kernels(weight: mx.array) -> dict[tuple[int, int], mx.array]:
-    """The four ``(O, 2, 2, C)`` kernels that apply a 3x3 ``weight`` ``(O, 3, 3, C)`` to a nearest-x2-upsampled
-    input at the input's resolution, keyed by output parity ``(row % 2, column % 2)``.
-
-    With nearest x2 upsampling, output row ``2i`` reads upsampled rows ``2i - 1, 2i, 2i + 1`` = input rows
-    ``i - 1, i, i`` (kernel rows ``0 | 1 + 2``), and row ``2i + 1`` reads input rows ``i, i + 1, i + 1`` (kernel
-    rows ``0 + 1 | 2``); the same holds along columns.
-    """
-    def halves(k: mx.array, axis: int) -> tuple[mx.array, mx.array]:
-        k0, k1, k2 = (mx.take(k, i, axis=axis) for i in range(3))
-        return mx.stack([k0, k1 + k2], axis=axis), mx.stack([k0 + k1, k2], axis=axis)
-
-    return {(a, b): kernel for a, rows in enumerate(halves(weight, 1))
-            for b, kernel in enumerate(halves(rows, 2))}
-
-
-def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, *, taps: bool = False,
-                       pad_rows: bool = True) -> mx.array:
-    """A padding-1 3x3 convolution of the nearest-x2-upsampled ``x``, computed at the input resolution.
-
-    ``conv3x3(upsample_nearest(x))`` (diffusers ``Upsample2D``: ``interpolate(scale_factor=2.0, mode="nearest")``
-    then the convolution) equals, for each of the four output parities, a 2x2 convolution of ``x`` with summed
-    kernel taps (:func:`_upsample2x_kernels`): 16 instead of 36 products per input pixel and no upsampled
-    ``(B, 2H, 2W, C)`` input. The four parity outputs are interleaved into the result (one copy). Same values as
-    the upsample-then-convolve path up to float rounding (kernel taps are summed before the products, in the
-    promoted dtype of ``x`` and ``weight``).
-
-    Args:
-        x: ``(B, H, W, C)``.
-        weight: ``(O, 3, 3, C)``.
-        bias: ``(O,)`` or ``None``.
-        taps: compute each 2x2 kernel as four shifted matrix products over the flattened padded input (the CPU path
-            of :func:`conv3x3_taps`) instead of ``mx.conv2d``.
-        pad_rows: ``False`` when ``x`` already carries its one-row halo above and below (a row strip of a larger
-            input): the output then has ``2 * (H - 2)`` rows.
-
-    Returns:
-        ``(B, 2H, 2W, O)`` (``(B, 2(H - 2), 2W, O)`` without ``pad_rows``) in the promoted dtype.
-    """
-    b, h, w, _ = x.shape
-    o = weight.shape[0]
-    kernels = _upsample2x_kernels(weight.astype(mx.result_type(weight, x)))
-    top = 1 if pad_rows else 0
-    h = h if pad_rows else h - 2
-    if taps:
-        xf, _, wp = _flat_padded(x, pad_rows)
-
-        def parity(a: int, p: int) -> mx.array:
-            out = _shifted_products(xf, h * wp, [((a + ty) * wp + p + tx, kernels[a, p][:, ty, tx, :].T)
-                                                  for ty in range(2) for tx in range(2)])
-            return out.reshape(b, h, wp, o)[:, :, :w]
-    else:
-        xp = mx.pad(x, [(0, 0), (top, top), (1, 1), (0, 0)])
-
-        def parity(a: int, p: int) -> mx.array:
-            return mx.conv2d(xp[:, a:a + h + 1, p:p + w + 1], kernels[a, p])
-
-    y = mx.stack([mx.stack([parity(a, 0), parity(a, 1)], axis=3) for a in range(2)], axis=2)
-    y = y.reshape(b, 2 * h, 2 * w, o)
-    return y + bias if bias is not None else y
-
-
-def apply_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, *, stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: int | tuple[int, int] = 1, groups: int = 1, taps: bool = False,
-                 strips: bool = False, upsample2x: bool = False) -> mx.array:
-    """``mx.conv2d(x, weight, ...) + bias`` with the two CPU/memory-aware paths of :class:`Conv2d` for stride-1,
-    padding-1 3x3 convolutions (``taps``, ``strips``; see there). With either flag, on the CPU, a convolution above
-    :data:`CPU_WINOGRAD_MIN_PIXELS` and :data:`CPU_WINOGRAD_MIN_CHANNELS` that needs no strips runs through
-    :func:`sd_mlx.cpu_winograd.winograd_conv3x3` when that kernel is available. Shared by :class:`Conv2d` and
-    ``sd_mlx.quantization.QuantizedConv2d``.
-
-    Args:
-        x: ``(B, H, W, C_in)``; weight: ``(O, kh, kw, C_in / groups)``; bias: ``(O,)`` or ``None``.
-        upsample2x: convolve the nearest-x2 upsampling of ``x`` (:func:`upsample_nearest`); a plain 3x3
-            convolution whose upsampled input would be larger than its kernel runs at the input resolution
-            (:func:`upsample2x_conv3x3`); others upsample first.
-
-    Returns:
-        ``(B, H', W', O)``.
-    """
-    plain_3x3 = (tuple(stride) == (1, 1) and dilation in (1, (1, 1)) and tuple(weight.shape[1:3]) == (3, 3)
-                 and tuple(padding) == (1, 1) and groups == 1)
-    b, h, w, c = x.shape
-    # at low resolution the four summed kernels (16/9 of the kernel) cost more memory than the upsampled input
-    if upsample2x and (not plain_3x3 or 4 * b * h * w * c < weight.size):
-        x, upsample2x = upsample_nearest(x), False
-    b, h, w, c = x.shape
-    f = 2 if upsample2x else 1  # output rows (and columns) per input row
-    on_cpu = mx.default_device() == mx.cpu
-    rows = strip_rows(x.shape, x.itemsize, upsample2x=upsample2x) if plain_3x3 and strips else None
-    if plain_3x3 and (taps or strips) and rows is None and _winograd_applies(weight, f * f * h * w):
-        y = winograd_conv3x3(upsample_nearest(x) if upsample2x else x, weight, bias, conv3x3_taps)
-        if y is not None:
-            return y
-    if plain_3x3 and taps and on_cpu and f * f * h * w >= CPU_TAPS_MIN_PIXELS:
-        return upsample2x_conv3x3(x, weight, bias, taps=True) if upsample2x else conv3x3_taps(x, weight, bias)
-    if rows is None:
-        if upsample2x:
-            return upsample2x_conv3x3(x, weight, bias, taps=False)
-        y = mx.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
-        return y + bias if bias is not None else y
-    return conv3x3_strips(x, weight, bias, rows=rows, upsample2x=upsample2x)
-
-
-def _winograd_applies(weight: mx.array, out_pixels: int) -> bool:
-    # a (O, 3, 3, C) kernel on the CPU with enough output pixels per image and channels (see the thresholds above)
-    return (mx.default_device() == mx.cpu and out_pixels >= CPU_WINOGRAD_MIN_PIXELS
-            and min(weight.shape[0], weight.shape[3]) >= CPU_WINOGRAD_MIN_CHANNELS)
-
-
-def strip_rows(shape: tuple[int, ...], itemsize: int, *, upsample2x: bool = False) -> int | None:
-    """Input rows per strip for :func:`conv3x3_strips` on an input of ``shape`` ``(B, H, W, C)``, or ``None`` when
-    the whole input fits :data:`CONV_UNFOLD_BUDGET_BYTES` (its unfolded ``B * H' * W' * 9 * C`` values, ``H', W'``
-    the output size) or has fewer than 4 rows."""
-    b, h, w, c = shape
-    f = 2 if upsample2x else 1
-    per_row = b * f * f * w * 9 * c * itemsize
-    if per_row * h <= CONV_UNFOLD_BUDGET_BYTES or h < 4:
-        return None
-    return max(1, CONV_UNFOLD_BUDGET_BYTES // per_row)
-
-
-def conv3x3_strips(x: mx.array, weight: mx.array, bias: mx.array | None, *, rows: int, upsample2x: bool = False,
-                   prologue: Callable[[mx.array], mx.array] | None = None,
-                   epilogue: Callable[[mx.array, int, int], mx.array] | None = None) -> mx.array:
-    """Stride-1, padding-1 3x3 convolution over horizontal strips of ``rows`` input rows, each strip evaluated
-    and written into one preallocated output before the next is built.
-
-    Each strip reads its rows plus a one-row halo; ``prologue`` (an elementwise map such as a normalisation with
-    precomputed statistics and SiLU) is applied to that slice before the zero padding, so the convolution sees
-    ``conv(prologue(x))`` exactly while ``prologue(x)`` never exists whole. ``epilogue(y, start, stop)`` maps the
-    strip's output rows ``[start, stop)`` (e.g. adds the matching rows of a residual). Working memory: the output
-    plus one strip's buffers (the output is updated in place: MLX donates its buffer to each slice update).
-    On the CPU each strip is computed by :func:`sd_mlx.cpu_winograd.winograd_conv3x3` (above the Winograd
-    thresholds, when available; an x2 strip is upsampled first), else by :func:`conv3x3_taps` (or
-    :func:`upsample2x_conv3x3` with taps); elsewhere by ``mx.conv2d``.
-
-    Args:
-        x: ``(B, H, W, C)``.
-        weight: ``(O, 3, 3, C)``; bias: ``(O,)`` or ``None``.
-        rows: input rows per strip (see :func:`strip_rows`).
-        upsample2x: convolve the nearest-x2 upsampling of ``x`` instead (output ``2H x 2W``).
-        prologue: shape- and dtype-preserving map applied to each input slice, or ``None``.
-        epilogue: map of each output strip ``(B, stop - start, W', O)`` and its output rows, or ``None``.
-
-    Returns:
-        ``(B, H', W', O)``, ``H' = 2H`` with ``upsample2x`` else ``H`` (likewise ``W'``).
-    """
-    b, h, w, c = x.shape
-    f = 2 if upsample2x else 1
-    on_cpu = mx.default_device() == mx.cpu
-    out = None
-    for start in range(0, h, rows):
-        stop = min(h, start + rows)
-        lo, hi = max(start - 1, 0), min(stop + 1, h)
-        strip = x[:, lo:hi] if prologue is None else prologue(x[:, lo:hi])
-        if start == 0 or stop == h:  # zero rows outside the image, after the prologue as the convolution pads
-            strip = mx.pad(strip, [(0, 0), (int(start == 0), int(stop == h)), (0, 0), (0, 0)])
-        y = _conv3x3_strip(strip, weight, bias, upsample2x=upsample2x, on_cpu=on_cpu)
-        if epilogue is not None:
-            y = epilogue(y, f * start, f * stop)
-        if out is None:
-            out = mx.zeros((b, f * h, *y.shape[2:]), y.dtype)
-        out[:, f * start:f * stop] = y
-        mx.eval(out)
-    return out
-
-
-def _conv3x3_strip(strip: mx.array, weight: mx.array, bias: mx.array | None, *, upsample2x: bool,
-                   on_cpu: bool) -> mx.array:
-    # one strip (carrying its halo rows) of conv3x3_strips
-    _, h, w, _ = strip.shape
-    if _winograd_applies(weight, (4 if upsample2x else 1) * (h - 2) * w):
-        # the upsampled strip's outer rows repeat the halo: keep one each side
-        y = winograd_conv3x3(upsample_nearest(strip)[:, 1:-1] if upsample2x else strip, weight, bias, conv3x3_taps,
-                             pad_rows=False)
-        if y is not None:
-            return y
-    if upsample2x:
-        return upsample2x_conv3x3(strip, weight, bias, taps=on_cpu, pad_rows=False)
-    if on_cpu:  # the taps path needs no unfolded buffer and is faster at these sizes
-        return conv3x3_taps(strip, weight, bias, pad_rows=False)
-    y = mx.conv2d(strip, weight, padding=(0, 1))
-    return y + bias if bias is not None else y
-
-
 def norm_silu_conv(norm: "GroupNorm", conv: nn.Module, x: mx.array) -> mx.array:
     """``conv(silu(norm(x)))``; when ``conv`` is a :class:`Conv2d` with ``strips`` and ``x`` exceeds the strip
     budget (:func:`strip_rows`), computed over row strips with the norm's statistics gathered first and the norm
@@ -382,19 +128,18 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and results up to float rounding) with two CPU/memory-aware paths for
     stride-1, padding-1 3x3 convolutions.
 
-    - ``taps=True`` (the U-Net): on the CPU, inputs of at least :data:`CPU_TAPS_MIN_PIXELS` pixels per image use
-      :func:`conv3x3_taps` (faster there and without the unfolded buffer); everything else, and every GPU call, is
-      ``nn.Conv2d``. The step graph stays one lazily evaluated graph.
+    - ``taps=True`` (the U-Net): with the CPU machinery, large inputs use the Winograd kernel or shifted products
+      (see :func:`sd_mlx.ops.conv2d`); on the portable path every call is ``mx.conv2d``. The step graph stays one
+      lazily evaluated graph.
     - ``strips=True`` (the VAE): when the unfolded input (``B * H * W * 9 * C`` values) would exceed
-      :data:`CONV_UNFOLD_BUDGET_BYTES`, the output is computed over horizontal strips of rows (each strip reads
-      its rows plus the halo; on the CPU each strip by :func:`conv3x3_taps`), each evaluated and written into the
-      preallocated output before the next (:func:`conv3x3_strips`), so only the output and one strip's working
-      buffers exist at a time.
+      :data:`sd_mlx.ops.CONV_UNFOLD_BUDGET_BYTES`, the output is computed over horizontal strips of rows (each
+      strip reads its rows plus the halo), each evaluated and written into the preallocated output before the next
+      (:func:`sd_mlx.ops.conv3x3_strips`), so only the output and one strip's working buffers exist at a time.
 
     Args: as ``nn.Conv2d``, plus the keyword flags ``taps`` and ``strips`` (both off: plain ``nn.Conv2d``).
 
     Call: ``x (B, H, W, C_in)`` -> ``(B, H', W', C_out)`` as ``nn.Conv2d``; with ``upsample2x=True`` the layer is
-    applied to the nearest-x2 upsampling of ``x`` (see :func:`apply_conv2d`), ``(B, 2H, 2W, C_out)``.
+    applied to the nearest-x2 upsampling of ``x`` (see :func:`sd_mlx.ops.conv2d`), ``(B, 2H, 2W, C_out)``.
     """
 
     def __init__(self, *args, taps: bool = False, strips: bool = False, **kwargs) -> None:
@@ -403,9 +148,9 @@ class Conv2d(nn.Conv2d):
         self.use_strips = strips
 
     def __call__(self, x: mx.array, *, upsample2x: bool = False) -> mx.array:
-        return apply_conv2d(x, self.weight, self.bias if "bias" in self else None, stride=self.stride,
-                            padding=self.padding, dilation=self.dilation, groups=getattr(self, "groups", 1),
-                            taps=self.use_taps, strips=self.use_strips, upsample2x=upsample2x)
+        return conv2d(x, self.weight, self.bias if "bias" in self else None, stride=self.stride,
+                      padding=self.padding, dilation=self.dilation, groups=getattr(self, "groups", 1),
+                      taps=self.use_taps, strips=self.use_strips, upsample2x=upsample2x)
 
 
 def timestep_embedding(timesteps: mx.array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -547,36 +292,6 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-def _nearest_indices(in_size: int, out_size: int) -> mx.array:
-    """Source indices of PyTorch's ``interpolate(mode="nearest")`` along one axis: ``floor(i * in / out)`` in
-    float32 arithmetic, clamped to ``in_size - 1``."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
-    return mx.array(np.minimum(idx, in_size - 1))
-
-
-def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
-    """Nearest-neighbour upsampling of ``(B, H, W, C)``, like ``torch.nn.functional.interpolate(mode="nearest")``.
-
-    Args:
-        x: ``(B, H, W, C)``.
-        size: target ``(H_out, W_out)``; ``None`` doubles both sides.
-
-    Returns:
-        ``(B, H_out, W_out, C)``, same dtype.
-    """
-    b, h, w, c = x.shape
-    if size is None or (size[0] == 2 * h and size[1] == 2 * w):
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-        return x.reshape(b, 2 * h, 2 * w, c)
-    ho, wo = int(size[0]), int(size[1])
-    if ho != h:
-        x = mx.take(x, _nearest_indices(h, ho), axis=1)
-    if wo != w:
-        x = mx.take(x, _nearest_indices(w, wo), axis=2)
-    return x
-
-
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling (x2 or to a given size) then a 3x3 convolution (diffusers
     ``Upsample2D(use_conv=True)``).
@@ -592,99 +307,6 @@ class Upsample2D(nn.Module):
         if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
             return self.conv(x, upsample2x=True)  # computed at the input resolution, no upsampled copy
         return self.conv(upsample_nearest(x, size))
-
-
-@partial(mx.compile, shapeless=True)
-def silu(x: mx.array) -> mx.array:
-    """SiLU ``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as one compiled kernel (on MLX's CPU backend this is
-    about 2x faster than ``nn.silu``; same values to float rounding). Any shape, any float dtype."""
-    return x / (1 + mx.exp(-x))
-
-
-@partial(mx.compile, shapeless=True)
-def _gated_gelu(a: mx.array, g: mx.array) -> mx.array:
-    # a * gelu(g) with the exact (erf) GELU, fused into one kernel: reading the strided halves of the projection
-    # once instead of materialising gelu(g) first is about 3x faster on MLX's CPU backend.
-    return a * (0.5 * g * (1 + mx.erf(g * (1 / math.sqrt(2)))))
-
-
-@partial(mx.compile, shapeless=True)
-def _exp_shifted(scores: mx.array, row_max: mx.array) -> mx.array:
-    return mx.exp(scores - row_max)
-
-
-# Score-chunk budget of the CPU attention path: small enough that the chunk's buffers are recycled by the allocator
-# instead of being mapped (and page-faulted) afresh, and that the ~10 operations MLX's CPU scheduler keeps in flight
-# hold little memory; large enough to keep the matrix products efficient. Measured on SD1.5's 4096-token call
-# (batch 2): 4 Mi elements 1.13 s / 312 MB working memory, 2 Mi 1.23 s / 177 MB, 1 Mi 1.34 s / 112 MB.
-_CPU_CHUNK_ELEMENTS = 2 * 2**20
-
-
-def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    # softmax(q k^T * scale) v for (B, heads, L, d) inputs, in float32, over query chunks. Choices measured on a
-    # 2-core x86 CPU for SD1.5's 4096-token self-attention (one call, batch 2, 8 heads of 40):
-    # - q, k^T and v are made contiguous once: a strided operand is otherwise copied by every chunk's product;
-    # - exp(s - max) is one fused compiled kernel (vectorised by the native JIT flags, see ``sd_mlx.cpu_jit``);
-    # - v gets a column of ones, so e @ [v, 1] yields the softmax denominators with the numerators and no
-    #   separate row-sum pass is made; the normalisation then divides L x d values instead of L x S.
-    b, h, lq, _ = q.shape
-    s = k.shape[2]
-    q = mx.contiguous(q.astype(mx.float32) * scale)
-    kt = mx.contiguous(k.astype(mx.float32).swapaxes(-1, -2))
-    v = v.astype(mx.float32)
-    v1 = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), mx.float32)], axis=-1)
-    rows = max(1, min(lq, _CPU_CHUNK_ELEMENTS // (b * h * s)))
-    outs = []
-    for start in range(0, lq, rows):
-        qc = q[:, :, start:start + rows]
-        if outs:
-            # Chain the chunks: without this MLX's breadth-first evaluation keeps up to ~20 chunks' score buffers
-            # alive at once (measured: 414 MB of working memory for SD1.5's 4096-token call instead of ~70).
-            qc = mx.depends(qc, outs[-1])
-        scores = qc @ kt
-        o = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True)) @ v1
-        outs.append(o[..., :-1] / o[..., -1:])
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """Multi-head scaled dot-product attention on token-major projections.
-
-    Args:
-        q: ``(B, L, heads * d)``; k, v: ``(B, S, heads * d)``.
-        heads: number of heads.
-
-    Returns:
-        ``(B, L, heads * d)`` in ``q``'s dtype: ``softmax(q k^T / sqrt(d)) v`` per head, the softmax in float32
-        whatever the input dtype (which covers diffusers' ``upcast_attention`` and ``upcast_softmax``). On a GPU
-        this is ``mx.fast.scaled_dot_product_attention``. On the CPU it is the fused multi-threaded kernel of
-        :mod:`sd_mlx.cpu_attention` (which evaluates its inputs; its derivatives, and its value inside
-        ``mx.compile`` / ``mx.vmap``, come from the MLX path), or where that is unavailable a chunked float32 path
-        that bounds the score buffers to a few MB (see ``_attention_cpu``). With ``L = 0`` or ``S = 0`` the
-        result is zeros.
-    """
-    b, lq, inner = q.shape
-    s = k.shape[1]
-    d = inner // heads
-    if lq == 0 or s == 0:  # no queries, or nothing to attend to: an all-zero (possibly empty) result
-        return mx.zeros((b, lq, inner), q.dtype)
-    if mx.default_device() == mx.cpu:
-        o = fused_attention(q, k, v, heads, _attention_cpu_tokens)
-        if o is None:
-            o = _attention_cpu_tokens(q, k, v, heads)
-        return o.astype(q.dtype)
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(0, 2, 1, 3) for t in (q, k, v))
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
-    return o.transpose(0, 2, 1, 3).reshape(b, lq, inner)
-
-
-def _attention_cpu_tokens(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    # _attention_cpu on token-major (B, L, heads * d) projections; float32 out. The fused CPU kernel's reference
-    # (its derivatives, and its value inside mx.compile / mx.vmap) and its fallback.
-    b, lq, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(0, 2, 1, 3) for t in (q, k, v))
-    return _attention_cpu(q, k, v, d ** -0.5).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 class Attention(nn.Module):
@@ -719,7 +341,7 @@ class Attention(nn.Module):
                  residual: mx.array | None = None) -> mx.array:
         ctx = x if context is None else context
         q = repeat_rows(self.to_q(x), ctx.shape[0])
-        o = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
+        o = ops.attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
         return linear(self.to_out[0], o, residual)
 
 
@@ -740,57 +362,20 @@ def repeat_rows(a: mx.array, rows: int) -> mx.array:
     return mx.concatenate([a] * (rows // b), axis=0)
 
 
-def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> mx.array:
-    """``layer(x)``, plus ``residual`` when given, for a linear layer (any :class:`mlx.nn.Linear` or
-    ``QuantizedLinear``).
-
-    For a plain :class:`mlx.nn.Linear` with a bias and a residual this is ``addmm(residual + bias, x, W^T)``: the
-    product accumulates onto the residual in the BLAS call instead of a separate pass writing the broadcast bias
-    and another adding the residual (SD1.5 U-Net, ``(8192, 320) x (320, 320)``: 11.7 -> 10.1 ms on a 2-core CPU).
-    The sum is the same up to float rounding (another order of additions).
-
-    Args:
-        layer: the linear layer, weight ``(O, I)``.
-        x: ``(..., I)``.
-        residual: ``(..., O)`` or ``None``.
-
-    Returns:
-        ``(..., O)``.
-    """
-    if residual is None:
-        return layer(x)
-    if type(layer) is nn.Linear and "bias" in layer:
-        return mx.addmm(residual + layer.bias, x, layer.weight.T)
-    return residual + layer(x)
-
-
-def _geglu_of_projection(h: mx.array, bias: mx.array | None = None) -> mx.array:
-    # GEGLU of a projection computed without its bias: the MLX reference of sd_mlx.cpu_rowwise.fused_geglu.
-    a, g = mx.split(h if bias is None else h + bias, 2, axis=-1)
-    return _gated_gelu(a, g)
-
-
 class LayerNorm(nn.LayerNorm):
-    """``torch.nn.LayerNorm(dims, eps)`` with an affine map (same parameters as :class:`mlx.nn.LayerNorm`), on
-    the CPU by the multi-threaded kernel of :mod:`sd_mlx.cpu_rowwise` (about 10x faster there than MLX's
-    single-threaded passes; same values to float32 rounding), elsewhere ``mx.fast.layer_norm``.
+    """``torch.nn.LayerNorm(dims, eps)`` with an affine map (same parameters as :class:`mlx.nn.LayerNorm`),
+    computed by :func:`sd_mlx.ops.layer_norm`.
 
     Call: ``(..., dims) -> (..., dims)``, in the promoted dtype of the input and the parameters.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "weight" in self and "bias" in self:
-            out = fused_layer_norm(x, self.weight, self.bias, self.eps)
-            if out is not None:
-                return out
-        return super().__call__(x)
+        return ops.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
 
 
 class GEGLU(nn.Module):
-    """``a * gelu(g)`` where ``[a, g] = proj(x)`` split in halves; exact (erf) GELU (diffusers ``GEGLU``).
-
-    On the CPU (an unquantized ``proj``) the projection runs without its bias and the kernel of
-    :mod:`sd_mlx.cpu_rowwise` adds it while applying the activation on all cores.
+    """``a * gelu(g)`` where ``[a, g] = proj(x)`` split in halves; exact (erf) GELU (diffusers ``GEGLU``),
+    computed by :func:`sd_mlx.ops.geglu`.
 
     Call: ``(..., dim_in) -> (..., dim_out)``.
     """
@@ -800,13 +385,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if type(self.proj) is nn.Linear and mx.default_device() == mx.cpu:
-            bias = self.proj.bias if "bias" in self.proj else None
-            out = fused_geglu(x @ self.proj.weight.T, bias, _geglu_of_projection)
-            if out is not None:
-                return out
-        a, g = mx.split(self.proj(x), 2, axis=-1)
-        return _gated_gelu(a, g)
+        return ops.geglu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -918,7 +497,7 @@ class SpatialSelfAttention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
         n = self.group_norm(x).reshape(b, h * w, c)
-        o = attention(self.to_q(n), self.to_k(n), self.to_v(n), self.heads)
+        o = ops.attention(self.to_q(n), self.to_k(n), self.to_v(n), self.heads)
         out = x + self.to_out[0](o).reshape(b, h, w, c)
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor

@@ -3,7 +3,7 @@
 Each kernel source is compiled once per source (with the headers beside it), flags, compiler and CPU with ``g++
 -O3 -march=native -fno-math-errno`` (``$CXX`` when set, which may carry a launcher such as ``ccache g++``) into
 ``$XDG_CACHE_HOME/sd_mlx/native`` (default ``~/.cache``) and loaded with ``ctypes`` by the module that uses it
-(:mod:`sd_mlx.cpu_attention`, :mod:`sd_mlx.cpu_winograd`, :mod:`sd_mlx.cpu_rowwise`). The install is atomic
+(:mod:`sd_mlx.cpu.attention`, :mod:`sd_mlx.cpu.winograd`, :mod:`sd_mlx.cpu.rowwise`). The install is atomic
 (concurrent builders each install a complete file) and the library is world-readable (a cache shared by several
 users). The cache key includes the CPU's flags: ``-march=native`` code must not be reused on another CPU sharing a
 home folder.
@@ -13,7 +13,7 @@ It also holds what the kernel wrappers share: loading with their status record (
 output arrays the C++ fills (:class:`KernelOutput`), and the ``mx.custom_function`` that takes
 the derivatives (and the value under ``mx.compile``/``mx.vmap``) from an MLX reference
 (:func:`with_reference_derivatives`). This module does not import MLX at import time: ``import sd_mlx`` reaches
-it (through :mod:`sd_mlx.cpu_memory`) before the fast BLAS is loaded, which must come first.
+it (through :mod:`sd_mlx.cpu.memory`) before the fast BLAS is loaded, which must come first.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ SD1.5 U-Net's 64x64 transformer blocks at batch 2) took 6.7-7.3 ms on a 2-core x
 add of the same size, and the GEGLU activation ``a * gelu(g)`` on the ``(8192, 2560)`` projection 16.5 ms.
 ``csrc/cpu_rowwise.cpp`` reads each row once and writes it once, rows split over all cores: 0.65 ms and 6.2 ms
 (with the projection's bias added on the way, so the projection itself runs without one), into an MLX array they
-fill in place (:class:`sd_mlx.native.KernelOutput`). The 48 LayerNorms and 16 GEGLUs of a U-Net call at batch 2
+fill in place (:class:`sd_mlx.cpu.native.KernelOutput`). The 48 LayerNorms and 16 GEGLUs of a U-Net call at batch 2
 take about 0.2 s less (7.55 -> 7.35 s for the whole call, median of 4, alternating in one process).
 
 Numerics: LayerNorm as PyTorch's (mean, then the biased variance around it, float32 sums; about 2e-6 from a
@@ -14,7 +14,7 @@ float64 reference on rows of 320 with mean 1 and std 3). GELU is the exact (erf)
 fit of Numerical Recipes' ``erfcc`` (fractional error below 1.2e-7) and a vectorised exp: within 4e-7 of a float64
 reference in absolute terms and 2e-6 relative, closer than PyTorch's own float32 GELU (1.1e-6 absolute).
 
-Like :mod:`sd_mlx.cpu_attention`: built by :mod:`sd_mlx.native`, loaded with ``ctypes``, turned off with
+Like :mod:`sd_mlx.cpu.attention`: built by :mod:`sd_mlx.cpu.native`, loaded with ``ctypes``, turned off with
 ``SD_MLX_ROWWISE=0``; the functions return ``None`` where the kernel is unavailable, and the caller's MLX
 reference gives the derivatives (``mx.custom_function``) and the value inside ``mx.compile`` / ``mx.vmap``. Each
 call evaluates its inputs, computes in float32 and returns the dtype MLX's operations would.

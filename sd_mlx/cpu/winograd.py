@@ -6,7 +6,7 @@ computes each ``m x m`` output tile from its ``(m+2) x (m+2)`` input tile with `
 instead of 36 (2.25x fewer), F(4x4, 3x3) 36 instead of 144 (4x fewer), as ``(m+2)^2`` independent matrix products
 between transformed input tiles and transformed kernels, plus additions before and after.
 ``csrc/cpu_winograd.cpp`` does the transforms on all cores and the products with the optimised BLAS that
-:mod:`sd_mlx.blas` loads for MLX (``cblas_sgemm``, looked up in the process's global scope). :func:`tile_size`
+:mod:`sd_mlx.cpu.blas` loads for MLX (``cblas_sgemm``, looked up in the process's global scope). :func:`tile_size`
 picks F(4x4) from 32x32 outputs and F(2x2) below, where F(4x4)'s matrix products get too short. With a pthreads
 build of OpenBLAS (whose thread count is process-wide; not an OpenMP or serial build) the products are split over
 the kernel's own threads, whole products each, with OpenBLAS set to one thread meanwhile and restored after
@@ -38,15 +38,15 @@ tiles it reaches (2x2 or 4x4 pixels; a direct convolution gives Inf there), and 
 by up to about 25, so inputs within that factor of float32's range (3e38) can overflow where a direct convolution
 does not. Either way the result is non-finite, which the pipeline reports.
 
-The library is built by :mod:`sd_mlx.native` and loaded with ``ctypes``. Where no compiler is found, the build
+The library is built by :mod:`sd_mlx.cpu.native` and loaded with ``ctypes``. Where no compiler is found, the build
 fails, no optimised BLAS is loaded (the reference BLAS MLX bundles on Linux is not in the global scope), or
 ``SD_MLX_WINOGRAD=0`` is set, :func:`winograd_conv3x3` returns ``None`` and the caller uses its MLX path;
-:func:`winograd_status` says which and why. As with :mod:`sd_mlx.cpu_attention`, the kernel evaluates its inputs
+:func:`winograd_status` says which and why. As with :mod:`sd_mlx.cpu.attention`, the kernel evaluates its inputs
 (``mx.eval``), its derivatives are those of the caller's MLX reference (``mx.custom_function``), and inside
 ``mx.compile`` or ``mx.vmap``, where inputs cannot be evaluated, the reference gives the value. Its working
 buffers (about 2 x 64 MB at most, a little more for very narrow layers: transformed inputs; transformed kernels
 and products, in chunks) are outside MLX's allocator and not in ``mx.get_peak_memory``; the float32 output is an
-MLX array it fills in place (:class:`sd_mlx.native.KernelOutput`).
+MLX array it fills in place (:class:`sd_mlx.cpu.native.KernelOutput`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def tile_size(height: int, width: int) -> int:
 
 ConvFn = Callable[..., mx.array]
 """``(x, weight, bias, *, pad_rows) -> y``: the caller's MLX 3x3 convolution, as
-:func:`sd_mlx.models.layers.conv3x3_taps`."""
+:func:`sd_mlx.cpu.conv.conv3x3_taps`."""
 
 
 def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, reference: ConvFn, *,
