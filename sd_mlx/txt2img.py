@@ -176,15 +176,12 @@ class PreviewWriter:
 def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
     """The CLI's work; preview writers it creates are appended to ``previews`` (the caller deletes their files)."""
     from .images import expand_output_paths, save_png
-    from .pipeline import load_pipeline, validate_seed, validate_size
+    from .pipeline import load_pipeline
+    from .validation import CLI_NAMES, check_generation
 
-    # Validate everything cheap before touching any model.
-    if args.width is not None or args.height is not None:
-        validate_size(args.height if args.height is not None else 8, args.width if args.width is not None else 8)
-    if args.num_images < 1:
-        raise sd_mlx.InvalidArgumentError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.steps < 1:
-        raise sd_mlx.InvalidArgumentError(f"--steps must be >= 1, got {args.steps}")
+    # Validate everything cheap before touching any model (the same checks and messages as the server's).
+    seed = check_generation(steps=args.steps, num_images=args.num_images, width=args.width, height=args.height,
+                            seed=args.seed, guidance_scale=args.guidance_scale, names=CLI_NAMES)
     if args.preview < 0:
         raise sd_mlx.InvalidArgumentError(f"--preview must be >= 0 (0 = off), got {args.preview}")
     if args.preview and args.preview_vae is None and args.vae is None:
@@ -192,7 +189,6 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
                                           "(a folder with taesd_decoder.safetensors) or --vae PATH")
     if args.preview_vae is not None and not args.preview:
         raise sd_mlx.InvalidArgumentError("--preview-vae is only used with --preview N")
-    seed = validate_seed(args.seed)
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
     paths = expand_output_paths(args.output, args.num_images)
