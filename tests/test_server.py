@@ -9,7 +9,6 @@ start their own. Long jobs (1000 steps) are only ever run to be interrupted or c
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 import warnings
 from typing import Any
@@ -106,8 +107,6 @@ def parse_infotext(text: str) -> dict[str, Any]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             try:
-                import json
-
                 value = json.loads(value)
             except ValueError:
                 pass
