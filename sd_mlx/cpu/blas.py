@@ -1,9 +1,10 @@
 """Fast BLAS for MLX's CPU backend on Linux.
 
 The Linux ``mlx[cpu]`` wheel links the reference (netlib) BLAS, which runs matrix products and convolutions
-30-100x slower than an optimised BLAS (2048x2048 float32 matmul, see the README's "Fast path on Linux CPU" for the
-figures). MLX looks its ``cblas_*`` and LAPACK symbols up in the process's global scope first, so an optimised
-library whose functions are in that scope *before* ``mlx`` is imported is the one MLX uses, with the same results.
+50-70x slower than an optimised BLAS (2048x2048 float32 matmul and an SD1.5 U-Net call, see the README's "Fast
+path on Linux CPU" for the figures). MLX looks its ``cblas_*`` and LAPACK symbols up in the process's global scope
+first, so an optimised library whose functions are in that scope *before* ``mlx`` is imported is the one MLX
+uses, with the same results.
 :func:`enable_fast_blas` does that; ``import sd_mlx`` calls it once, before sd_mlx imports mlx.
 
 Where the library is looked for (``SD_MLX_BLAS`` unset), first found wins:
@@ -94,7 +95,7 @@ def fix_command(package: str = PACKAGE) -> str:
 def slow_path_hint(status: BlasStatus) -> str:
     """The warning for the slow path: what happened (``status.reason``) and the one thing that fixes it."""
     fix = status.fix or fix_command()
-    return f"MLX is using the reference BLAS on this Linux CPU (30-100x slower): {status.reason}. Fix: {fix}"
+    return f"MLX is using the reference BLAS on this Linux CPU (50-70x slower): {status.reason}. Fix: {fix}"
 
 
 class _DlInfo(ctypes.Structure):
