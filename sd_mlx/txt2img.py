@@ -202,10 +202,10 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
                 raise sd_mlx.OutputError(f"{p}: file exists; pass --overwrite to replace it, or choose another "
                                          f"--output")
     if not sd_mlx.BLAS_STATUS.fast:
-        from .cpu.blas import SLOW_PATH_HINT, blas_status_for_backend
+        from .cpu.blas import blas_status_for_backend, slow_path_hint
 
         if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
-            print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)
+            print(f"warning: {slow_path_hint(sd_mlx.BLAS_STATUS)}", file=sys.stderr)
     fused = fused_attention_status_on_cpu()
     if fused is not None and not fused.available and not fused.turned_off:
         print(f"warning: attention runs on MLX's single-threaded CPU path (about 4x slower): {fused.reason}",
