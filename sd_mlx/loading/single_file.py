@@ -37,7 +37,6 @@ buffers some files carry (``alphas_cumprod``...) are the same for both parameter
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,23 +124,26 @@ class CheckpointFile:
         self.path, self.kind, self.tensors = path, kind, tensors
         self.metadata, self.training = metadata, training
         self._refs = refs
-        self._arrays: dict[str, mx.array] | None = None
 
-    def array(self, key: str) -> mx.array:
-        """The tensor ``key`` as an MLX array: memory-mapped and lazy for safetensors, copied from the (mapped)
-        archive for pickles.
+    def arrays(self, keys: Sequence[str]) -> dict[str, mx.array]:
+        """The tensors ``keys`` as MLX arrays: memory-mapped and lazy for safetensors, copied from the (mapped)
+        archive for pickles. Nothing is cached here: once the caller drops an array (e.g. after casting it into
+        a model), its memory is free again.
 
         Raises:
             WeightLoadError: the file cannot be read (names it).
         """
         if self._refs is not None:
-            return self._refs[key].to_mlx()
-        if self._arrays is None:
-            try:
-                self._arrays = dict(mx.load(str(self.path)))
-            except Exception as e:  # MLX raises RuntimeError/ValueError with its own text
-                raise WeightLoadError(f"{self.path}: cannot read safetensors file ({e}); re-download it") from None
-        return self._arrays[key]
+            return {k: self._refs[k].to_mlx() for k in keys}
+        try:
+            loaded = mx.load(str(self.path))
+        except Exception as e:  # MLX raises RuntimeError/ValueError with its own text
+            raise WeightLoadError(f"{self.path}: cannot read safetensors file ({e}); re-download it") from None
+        return {k: loaded[k] for k in keys}
+
+    def array(self, key: str) -> mx.array:
+        """One tensor (see :meth:`arrays`)."""
+        return self.arrays([key])[key]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``{key: shape}`` of every tensor."""
@@ -628,12 +630,9 @@ class SingleFileSource:
         """
         self._require(component)
         self.header(component)  # shape checks of the pieces, naming the key
-        cache: dict[str, mx.array] = {}
-        out = {}
-        for dk, (fk, piece) in self.plan.components[component].items():
-            if fk not in cache:
-                cache[fk] = self.checkpoint.array(fk)
-            out[dk] = piece.apply(cache[fk])
+        planned = self.plan.components[component]
+        arrays = self.checkpoint.arrays(sorted({fk for fk, _ in planned.values()}))
+        out = {dk: piece.apply(arrays[fk]) for dk, (fk, piece) in planned.items()}
         return out, self.describe_component(component)
 
     def describe_component(self, component: str) -> str:
@@ -728,16 +727,20 @@ def vae_file_weights(path: Path | str, vae_config: Mapping[str, Any]) -> tuple[d
     if not is_vae_file(keys):
         raise WeightLoadError(f"{ckpt.path}: not a VAE file (its keys start with {_prefixes(keys)}); --vae takes a "
                               f"VAE .safetensors, a diffusers AutoencoderKL or AutoencoderTiny folder, or a TAESD")
+    def below_prefix(k: str) -> str:
+        return k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k
+
+    arrays = ckpt.arrays([k for k in keys if not below_prefix(k).startswith(("loss.", EMA_PREFIX))])
     nblocks = len(vae_config.get("block_out_channels") or (0,) * 4)
     out: dict[str, mx.array] = {}
     unknown: list[str] = []
     for key in keys:
-        rest = key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else key
+        rest = below_prefix(key)
         if rest.startswith("loss.") or rest.startswith(EMA_PREFIX):
             continue  # training loss / EMA bookkeeping (IGNORED_REASONS["vae_loss"], ["ema_bookkeeping"])
         if ".down_blocks." in rest or ".up_blocks." in rest or ".mid_block." in rest or \
                 rest.split(".", 1)[-1].startswith(("conv_norm_out.",)):
-            out[rest] = ckpt.array(key)  # diffusers layout already
+            out[rest] = arrays[key]  # diffusers layout already
             continue
         piece = ldm_vae_key(rest, nblocks)
         if piece is None:
@@ -747,17 +750,9 @@ def vae_file_weights(path: Path | str, vae_config: Mapping[str, Any]) -> tuple[d
             piece.shape(ckpt.tensors[key].shape)
         except ValueError as e:
             raise WeightLoadError(f"{ckpt.path}: '{key}': {e}") from None
-        out[piece.key] = piece.apply(ckpt.array(key))
+        out[piece.key] = piece.apply(arrays[key])
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise WeightLoadError(f"{ckpt.path}: unknown key '{unknown[0]}'{more} for a VAE file")
     return out, str(ckpt.path)
 
-
-def describe_keys(path: Path | str) -> str:
-    """A JSON summary of a checkpoint's family and key plan (for debugging and ``tools/convert.py inspect``)."""
-    src = SingleFileSource(path)
-    return json.dumps({"family": src.family.name, "evidence": src.family.evidence,
-                       "prediction_type": src.prediction_type, "reason": src.prediction_reason,
-                       "components": {c: len(v) for c, v in src.plan.components.items()},
-                       "ignored": len(src.plan.ignored)}, indent=2)
