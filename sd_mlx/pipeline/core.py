@@ -33,19 +33,56 @@ from ..cpu.memory import return_freed_memory
 from ..errors import InvalidArgumentError, ModelNotFoundError
 from ..images import GenerationParameters, to_pil
 from ..loading.components import parse_dtype
-from ..loading.configs import read_json
 from ..loading.hub import resolve_model
-from ..loading.weights import find_weight_file
 from ..profiling import Profile
 from ..tokenizer import CLIPTokenizer
 from .decode import decode_latents, want_tiling
 from .loop import LoopInputs, StepCallback, denoise
-from .memory import MemoryEstimate, available_memory_bytes, estimate_memory, format_bytes, weight_file_bytes
+from .memory import MemoryEstimate, available_memory_bytes, estimate_memory, format_bytes, info_bytes
 from .noise import initial_noise
 from .plan import Plan, make_plan
 from .text import encode_prompts, sd_conditioning
 
 COMPONENTS = ("text_encoder", "unet", "vae")
+
+
+def _check_source_components(source: Any, *, vae_given: bool) -> None:
+    """The components an SD 1.x/2.x text-to-image pipeline needs are in ``source``.
+
+    Raises:
+        ModelNotFoundError: a folder lacks a component folder, or a single file lacks a component (a VAE-less file
+            needs ``vae``).
+        ConfigError: a single file of a family this pipeline does not run (SDXL).
+    """
+    from ..errors import ConfigError
+
+    family = getattr(source, "family", None)
+    if family is None:  # a diffusers folder
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (() if vae_given else ("vae",)):
+            if not (source.folder / sub).is_dir():
+                raise ModelNotFoundError(f"{source.folder}: no {sub}/ folder; this is not a diffusers Stable "
+                                         f"Diffusion model folder (expected unet/, vae/, text_encoder/, tokenizer/, "
+                                         f"scheduler/)")
+        return
+    if family.base not in ("sd1", "sd2"):
+        raise ConfigError(f"{source.name}: a {family.description} single file; its weights map (see "
+                          f"tools/convert.py), but this pipeline runs SD 1.x/2.x only")
+    for comp in ("unet", "text_encoder") + (() if vae_given else ("vae",)):
+        if not source.has(comp):
+            hint = "; pass a VAE with --vae / vae=" if comp == "vae" else ""
+            raise ModelNotFoundError(f"{source.name}: the {family.description} file has no {comp} weights{hint}")
+
+
+def _kl_vae_source(path: Path, source: Any) -> Any:
+    """A :class:`~sd_mlx.loading.vae_source.VaeSource` for an AutoencoderKL ``path``; ``None`` for a TAESD. A VAE
+    file takes the model's VAE config."""
+    from ..loading.vae_source import TAESD, VaeSource, classify_vae
+
+    if classify_vae(path) == TAESD:
+        return None
+    model_cfg = source.config("vae")[0] if (getattr(source, "family", None) is not None or source.has("vae")) \
+        else None
+    return VaeSource(path, model_cfg)
 
 
 @dataclass
@@ -76,11 +113,15 @@ class StableDiffusionPipeline:
     access and kept until :meth:`release` (or a call with ``release_models=True``).
 
     Args:
-        folder: a local diffusers model folder.
+        folder: a local diffusers model folder, or a model source (:mod:`sd_mlx.loading.source`: a
+            :class:`~sd_mlx.loading.source.FolderSource` or a single-file
+            :class:`~sd_mlx.loading.single_file.SingleFileSource`).
         dtype: parameter dtype of the models (``"float32"``, ``"float16"``, ``"bfloat16"``).
         model_name: the name the user gave (for PNG metadata).
         vae: ``None`` for the checkpoint's AutoencoderKL, or a path to a TAESD (diffusers ``AutoencoderTiny``
-            folder, folder with ``taesd_decoder.safetensors``, or that file).
+            folder, folder with ``taesd_decoder.safetensors``, or that file), or to an ``AutoencoderKL``
+            replacing the model's (a diffusers folder, or a single VAE file in the LDM or diffusers layout, which
+            takes the model's VAE config; see :mod:`sd_mlx.loading.vae_source`).
         quantize: ``None``, 4 or 8: quantize the U-Net's and text encoder's linear layers (and convolutions, see
             ``quantize_convolutions``) with ``mx.quantize`` (see :mod:`sd_mlx.quantization`).
         quantize_group_size: group size for quantization (32, 64 or 128).
@@ -101,16 +142,19 @@ class StableDiffusionPipeline:
         InvalidArgumentError: bad ``dtype`` or quantization settings.
     """
 
-    def __init__(self, folder: Path, *, dtype: str = "float32", model_name: str | None = None,
+    def __init__(self, folder: Path | Any, *, dtype: str = "float32", model_name: str | None = None,
                  vae: str | Path | None = None, quantize: int | None = None, quantize_group_size: int = 64,
                  quantize_convolutions: bool = True, cpu_kernels: bool | None = None) -> None:
         from ..models.clip import CLIP_TEXT_SPEC
         from ..models.unet import UNET_SPEC
         from ..models.vae import VAE_SPEC, vae_load_dtype
 
-        self.folder = Path(folder)
+        from ..loading.source import FolderSource
+
+        self.source = FolderSource(folder) if isinstance(folder, (str, Path)) else folder
+        self.folder = Path(self.source.name)
         self.dtype = parse_dtype(dtype)
-        self.model_name = model_name or str(folder)
+        self.model_name = model_name or str(self.source.name)
         if quantize not in (None, 4, 8):
             raise InvalidArgumentError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
         if quantize_group_size not in (32, 64, 128):
@@ -124,42 +168,43 @@ class StableDiffusionPipeline:
             self.compute_dtype = ops.compute_dtype(self.dtype, quantized=bool(quantize))
         self._vae_path = Path(vae).expanduser() if vae is not None else None
         if self._vae_path is not None and not self._vae_path.exists():
-            raise ModelNotFoundError(f"{self._vae_path}: TAESD not found; pass a folder with "
-                                     f"taesd_decoder.safetensors, a diffusers AutoencoderTiny folder, or the file")
-        for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (() if vae else ("vae",)):
-            if not (self.folder / sub).is_dir():
-                raise ModelNotFoundError(f"{self.folder}: no {sub}/ folder; this is not a diffusers Stable "
-                                         f"Diffusion model folder (expected unet/, vae/, text_encoder/, tokenizer/, "
-                                         f"scheduler/)")
-        self.scheduler_config: dict[str, Any] = read_json(self.folder / "scheduler" / "scheduler_config.json")
+            raise ModelNotFoundError(f"{self._vae_path}: VAE not found; pass a TAESD (a folder with "
+                                     f"taesd_decoder.safetensors, a diffusers AutoencoderTiny folder, or the file), "
+                                     f"an AutoencoderKL folder or a VAE .safetensors file")
+        _check_source_components(self.source, vae_given=vae is not None)
+        self.scheduler_config: dict[str, Any] = self.source.scheduler_config()
         # Parse every config now (ConfigError names file and field) and check the weight files' headers.
         specs = {"text_encoder": CLIP_TEXT_SPEC, "unet": UNET_SPEC}
         configs: dict[str, Any] = {}
         for name, spec in specs.items():
-            path = self.folder / name / "config.json"
-            configs[name] = spec.config_from_dict(read_json(path), str(path))
+            cfg, where = self.source.config(name)
+            configs[name] = spec.config_from_dict(cfg, where)
         self.vae_config: Any = None
-        if self._vae_path is None:
-            path = self.folder / "vae" / "config.json"
-            self.vae_config = VAE_SPEC.config_from_dict(read_json(path), str(path))
+        # The VAE comes from the model, or from a KL VAE given apart (folder or single file), else it is a TAESD.
+        self._vae_source: Any = self.source if self._vae_path is None else _kl_vae_source(self._vae_path,
+                                                                                          self.source)
+        if self._vae_source is not None:
+            cfg, where = self._vae_source.config("vae")
+            self.vae_config = VAE_SPEC.config_from_dict(cfg, where)
             specs["vae"] = VAE_SPEC
         self.unet_config_parsed = configs["unet"]
         self.text_config = configs["text_encoder"]
         self.weight_bytes: dict[str, int] = {}
         half = self.dtype != mx.float32
         for name, spec in specs.items():
-            path = find_weight_file(self.folder / name, spec.weight_stem, prefer_fp16=half)
+            src = self._vae_source if name == "vae" else self.source
             load_dtype = vae_load_dtype(self.vae_config, self.dtype) if name == "vae" else self.dtype
-            self.weight_bytes[name] = weight_file_bytes(path, load_dtype.size)
+            self.weight_bytes[name] = info_bytes(src.header(name, prefer_fp16=half), load_dtype.size)
         self._models: dict[str, nn.Module] = {}
         self._tokenizer: CLIPTokenizer | None = None
 
     # ----- components -------------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> CLIPTokenizer:
-        """The CLIP tokenizer from ``tokenizer/``."""
+        """The CLIP tokenizer (``tokenizer/`` of a folder; for a single file see
+        :meth:`sd_mlx.loading.single_file.SingleFileSource.tokenizer`)."""
         if self._tokenizer is None:
-            self._tokenizer = CLIPTokenizer.from_folder(self.folder / "tokenizer")
+            self._tokenizer = self.source.tokenizer("tokenizer")
         return self._tokenizer
 
     def _get(self, name: str) -> nn.Module:
@@ -182,7 +227,7 @@ class StableDiffusionPipeline:
             return self._load_component(name)
 
     def _load_component(self, name: str) -> nn.Module:
-        from ..loading.components import load_component
+        from ..loading.components import load_from_source
         from ..loading.weights import evaluate_parameters
 
         quantized = bool(self.quantize) and name in ("text_encoder", "unet")
@@ -192,16 +237,18 @@ class StableDiffusionPipeline:
 
             folder = self.folder / name
             spec = CLIP_TEXT_SPEC if name == "text_encoder" else UNET_SPEC
-            model = load_component(folder, spec, dtype=self.dtype, evaluate=not quantized)
+            model = load_from_source(self.source, name, spec, dtype=self.dtype, evaluate=not quantized,
+                                     config=self.text_config if name == "text_encoder" else self.unet_config_parsed)
         elif name == "vae":
-            if self._vae_path is not None:
+            if self._vae_source is None:
                 from ..models.taesd import load_taesd
 
                 model = load_taesd(self._vae_path, dtype=self.dtype)
             else:
-                from ..models.vae import load_vae
+                from ..models.vae import VAE_SPEC, vae_load_dtype
 
-                model = load_vae(self.folder / "vae", dtype=self.dtype)
+                model = load_from_source(self._vae_source, "vae", VAE_SPEC, config=self.vae_config,
+                                         dtype=vae_load_dtype(self.vae_config, self.dtype))
         else:  # pragma: no cover - internal
             raise KeyError(name)
         if quantized:
@@ -262,8 +309,8 @@ class StableDiffusionPipeline:
 
     @property
     def unet_config(self) -> dict[str, Any]:
-        """``unet/config.json`` as a dict."""
-        return read_json(self.folder / "unet" / "config.json")
+        """The U-Net's config (``unet/config.json`` of a folder) as a dict."""
+        return self.source.config("unet")[0]
 
     # ----- memory -----------------------------------------------------------------------------------------------
     def estimate_memory(self, height: int, width: int, *, images_at_once: int = 1, guidance: bool = True,
@@ -444,7 +491,8 @@ class StableDiffusionPipeline:
 
 
 def resolve_taesd(vae: str | Path) -> Path:
-    """A TAESD location: an existing path as is; ``"taesd"``/``"taesdxl"`` or another repo id through the Hub
+    """A VAE location (TAESD, AutoencoderKL folder or file): an existing path as is; ``"taesd"``/``"taesdxl"`` or
+    another TAESD repo id through the Hub
     (``madebyollin/taesd``; cache and ``HF_HUB_OFFLINE`` honoured).
 
     Raises:
@@ -464,37 +512,62 @@ def resolve_taesd(vae: str | Path) -> Path:
 
 def load_pipeline(name_or_path: str | Path, *, dtype: str = "float32", vae: str | Path | None = None,
                   quantize: int | None = None, quantize_group_size: int = 64, quantize_convolutions: bool = True,
-                  revision: str | None = None, cpu_kernels: bool | None = None) -> StableDiffusionPipeline:
-    """Open a Stable Diffusion 1.x/2.x model: a local diffusers folder or a Hugging Face repo id.
+                  revision: str | None = None, config: str | Path | None = None,
+                  tokenizer: str | Path | None = None, prediction_type: str | None = None,
+                  use_ema: bool = False, cpu_kernels: bool | None = None) -> StableDiffusionPipeline:
+    """Open a Stable Diffusion 1.x/2.x model: a local diffusers folder, a Hugging Face repo id, or a single
+    checkpoint file in the original layout (``.safetensors``; ``.ckpt``/``.pt`` through the restricted tensors-only
+    reader, see :mod:`sd_mlx.loading.single_file`).
 
     Configs and weight-file headers are read and checked here; weights are memory-mapped when a component is first
     used.
 
     Args:
-        name_or_path: folder or repo id (fetched through ``huggingface_hub``; honours its cache and
-            ``HF_HUB_OFFLINE``).
+        name_or_path: folder, repo id (fetched through ``huggingface_hub``; honours its cache and
+            ``HF_HUB_OFFLINE``) or single file (family detected from its keys: ``pipe.source.describe()``).
         dtype: parameter dtype, ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``; ``*.fp16.safetensors``
             files are preferred for the half types. On the CPU the half types halve the weights' memory and still
             compute in float32 (see :class:`StableDiffusionPipeline`).
-        vae: ``None`` (the model's own VAE) or a TAESD path (diffusers folder, folder with
-            ``taesd_decoder.safetensors``, or that file).
+        vae: ``None`` (the model's own VAE), a TAESD path (diffusers folder, folder with
+            ``taesd_decoder.safetensors``, or that file) or an AutoencoderKL folder or single VAE file.
         quantize: ``None``, 4 or 8: quantized linear layers (and convolutions) in the U-Net and text encoder.
         quantize_group_size: 32, 64 or 128.
         quantize_convolutions: with ``quantize``, quantize the convolutions too (default) or only linear layers.
         revision: Hub revision.
+        config: single files only: a diffusers folder whose configs (and tokenizers) are used instead of sd_mlx's
+            built-in ones for the detected family (as diffusers' ``from_single_file(config=...)``).
+        tokenizer: a tokenizer folder (``vocab.json``, ``merges.txt``) replacing the model's or the packaged one.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` replacing the detected (single file) or configured
+            (folder) one.
+        use_ema: single files only: use the U-Net's EMA weights (``model_ema.*``).
         cpu_kernels: ``False`` runs the portable (Mac/CUDA) code even on the CPU; ``None`` follows
             ``SD_MLX_CPU_KERNELS`` (see :class:`StableDiffusionPipeline`).
 
     Raises:
-        ModelNotFoundError: not a folder, not a valid repo id, not cached while offline, or not a diffusers SD folder.
-        ConfigError: a config is missing, not JSON, or unsupported (names the file).
-        WeightLoadError: a weight file is missing, truncated or has a corrupt header (names the file).
-        InvalidArgumentError: bad dtype or quantization settings.
+        ModelNotFoundError: not a folder, file or valid repo id, not cached while offline, or not an SD model.
+        ConfigError: a config is missing, not JSON, or unsupported (names the file); an SDXL single file.
+        WeightLoadError: a weight file is missing, truncated, has a corrupt header, an unknown or missing key, or is
+            a pickle that names anything but tensors (names the file and key).
+        InvalidArgumentError: bad dtype or quantization settings; ``config``/``use_ema`` with a folder.
     """
+    from ..loading.source import SINGLE_FILE_SUFFIXES, FolderSource, SingleFileSource, is_single_file
+
     dt = parse_dtype(dtype)
-    variant = "fp16" if dt != mx.float32 else None
-    folder = resolve_model(name_or_path, variant=variant, revision=revision)
+    given = Path(str(name_or_path)).expanduser()
+    if given.suffix.lower() in SINGLE_FILE_SUFFIXES and not given.exists():
+        raise ModelNotFoundError(f"{given}: no such checkpoint file; pass an existing single-file checkpoint, a "
+                                 f"diffusers model folder or a Hub repo id")
+    if is_single_file(name_or_path):
+        source: Any = SingleFileSource(name_or_path, config=config, prediction_type=prediction_type,
+                                       tokenizer=tokenizer, use_ema=use_ema)
+    else:
+        if config is not None or use_ema:
+            raise InvalidArgumentError("config and use_ema apply to single-file checkpoints; a diffusers folder or "
+                                       "repo carries its own configs")
+        variant = "fp16" if dt != mx.float32 else None
+        folder = resolve_model(name_or_path, variant=variant, revision=revision)
+        source = FolderSource(folder, tokenizer=tokenizer, prediction_type=prediction_type)
     vae = resolve_taesd(vae) if vae is not None else None
-    return StableDiffusionPipeline(folder, dtype=dtype, model_name=str(name_or_path), vae=vae, quantize=quantize,
+    return StableDiffusionPipeline(source, dtype=dtype, model_name=str(name_or_path), vae=vae, quantize=quantize,
                                    quantize_group_size=quantize_group_size,
                                    quantize_convolutions=quantize_convolutions, cpu_kernels=cpu_kernels)

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import mlx.core as mx
 
 from .. import ops
-from ..loading.weights import validate_safetensors_header
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -105,20 +104,15 @@ def estimate_memory(unet_config: Any, vae_channels: Sequence[int], weight_bytes:
     return MemoryEstimate(weights=int(weight_bytes), attention=int(attention), decoder=int(decoder))
 
 
-def weight_file_bytes(path: Path, target_float_bytes: int) -> int:
-    """Bytes the tensors of the safetensors file ``path`` take once loaded, floats at ``target_float_bytes`` each
-    (read from the header only).
-
-    Raises:
-        WeightLoadError: the header is truncated or corrupt (names the file).
-    """
-    header = validate_safetensors_header(path)
+def info_bytes(header: dict[str, Any], target_float_bytes: int) -> int:
+    """Bytes the tensors of a header (``{key: TensorInfo}`` with ``shape`` and safetensors ``dtype``) take once
+    loaded, floating-point ones at ``target_float_bytes`` each."""
     total = 0
-    for entry in header.values():
+    for info in header.values():
         n = 1
-        for d in entry["shape"]:
+        for d in info.shape:
             n *= int(d)
-        total += n * (target_float_bytes if entry["dtype"] in _FLOAT_DTYPES else _DTYPE_BYTES[entry["dtype"]])
+        total += n * (target_float_bytes if info.dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(info.dtype, 4))
     return total
 
 
