@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..arrays import float_array
 from ..errors import InvalidArgumentError
 from ..images import GenerationParameters
 from ..schedulers import Scheduler, get_scheduler
@@ -112,10 +113,8 @@ def make_plan(pipe: Any, prompt: Any, negative_prompt: Any, *, num_inference_ste
         raise InvalidArgumentError(f"{pipe.folder}: the U-Net takes {ucfg.in_channels} input channels "
                                    f"(an inpainting model?); txt2img needs a plain text-to-image checkpoint")
     if latents is not None:
-        latents = mx.array(latents) if not isinstance(latents, mx.array) else latents
-        if tuple(latents.shape) != (batch, h, w, channels):
-            raise InvalidArgumentError(f"latents must have shape {(batch, h, w, channels)} (B, h, w, C) for "
-                                       f"{batch} images of {width}x{height}, got {tuple(latents.shape)}")
+        latents = float_array(latents, "latents", (batch, h, w, channels),
+                              layout=f"(B, h, w, C) for {batch} images of {width}x{height}", dtype=mx.float32)
     unet_batch = batch if unet_batch_size is None else min(int(unet_batch_size), batch)
     pipe._check_memory(height, width, images_at_once=unet_batch, guidance=do_cfg,
                        vae_batch_size=min(vae_batch_size, batch), release_models=release_models)
