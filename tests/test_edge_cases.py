@@ -24,7 +24,7 @@ import mlx.core as mx
 from sd_mlx import ConfigError, InvalidArgumentError, ModelNotFoundError, NonFiniteError, WeightLoadError, txt2img
 from sd_mlx import ops
 from sd_mlx.models.layers import repeat_rows
-from sd_mlx.pipeline import StableDiffusionPipeline, estimate_memory, load_pipeline
+from sd_mlx.pipeline import StableDiffusionPipeline, estimate_memory, load_pipeline, loop
 from sd_mlx.schedulers import SCHEDULER_NAMES, get_scheduler
 
 KW = dict(height=64, width=64, num_inference_steps=1, seed=0)
@@ -107,21 +107,19 @@ def test_chunked_long_prompt_pads_prompt_and_negative_to_the_same_chunks(pipe):
         first = pipe.encode_prompt([long])
     assert np.array_equal(np.array(emb[:, :77]), np.array(first))  # chunk 1 is the truncated prompt
     seen = []
-    original = pipe._unet_eval
+    original = loop.guided_output
 
-    def spy(unet, x, t, cond, uncond, g):
-        seen.append((cond.shape, uncond.shape))
-        return original(unet, x, t, cond, uncond, g)
+    def spy(unet, x, t, context, *rest):
+        seen.append(context.shape)
+        return original(unet, x, t, context, *rest)
 
-    pipe._unet_eval = spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "guided_output", spy)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # chunk mode drops nothing: no warning
             a = pipe(long, negative_prompt="blurry", long_prompt="chunk", output_type="np", **KW)
             b = pipe("a cat", negative_prompt=long_text(230), long_prompt="chunk", output_type="np", **KW)
-    finally:
-        del pipe._unet_eval
-    assert seen == [((1, 154, 32), (1, 154, 32)), ((1, 308, 32), (1, 308, 32))]  # 2 and 4 chunks
+    assert seen == [(2, 154, 32), (2, 308, 32)]  # [uncond, cond] of 2 and 4 chunks
     assert np.isfinite(a.images).all() and np.isfinite(b.images).all()
 
 
@@ -192,7 +190,7 @@ def test_small_multiples_of_8_work(pipe, height, width):
 
 def test_memory_estimate_refuses_sizes_that_do_not_fit(fresh, monkeypatch):
     limit = 100 * 2**20
-    monkeypatch.setattr(sd_mlx.pipeline, "available_memory_bytes", lambda: limit)
+    monkeypatch.setattr(sd_mlx.pipeline.core, "available_memory_bytes", lambda: limit)
     with pytest.raises(InvalidArgumentError) as e:
         fresh("a cat", **{**KW, "height": 512, "width": 512})
     msg = str(e.value)
@@ -204,7 +202,7 @@ def test_memory_estimate_refuses_sizes_that_do_not_fit(fresh, monkeypatch):
 
         full = min(full, 3 * CHUNK_ELEMENTS * 4)
     assert est.attention == full
-    assert f"512x512 needs at least about {sd_mlx.pipeline._gb(est.total)} of memory" in msg, msg
+    assert f"512x512 needs at least about {sd_mlx.pipeline.format_bytes(est.total)} of memory" in msg, msg
     assert "U-Net self-attention" in msg and "more than the 104.9 MB available" in msg
     w, h = map(int, re.search(r"try (\d+)x(\d+)", msg).groups())
     assert fresh.estimate_memory(h, w).total <= limit and w % 8 == 0 and h % 8 == 0
@@ -406,17 +404,18 @@ def test_v_prediction_checkpoint_with_a_user_chosen_scheduler_follows_diffusers(
     assert p.scheduler_config["prediction_type"] == "v_prediction"
     assert get_scheduler("euler", p.scheduler_config).config.prediction_type == "v_prediction"
     record = []
-    original = p._unet_eval
+    original = loop.guided_output
 
-    def spy(unet, x, t, cond, uncond, g):
-        out = original(unet, x, t, cond, uncond, g)
+    def spy(unet, x, t, *rest):
+        out = original(unet, x, t, *rest)
         record.append((np.array(x), t, np.array(out)))
         return out
 
-    p._unet_eval = spy
     init = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    ours = np.array(p("a cat", **{**KW, "num_inference_steps": 3}, scheduler="euler", latents=init,
-                      output_type="latent").images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "guided_output", spy)
+        ours = np.array(p("a cat", **{**KW, "num_inference_steps": 3}, scheduler="euler", latents=init,
+                          output_type="latent").images)
     ref = diffusers.EulerDiscreteScheduler.from_config(p.scheduler_config)
     assert ref.config.prediction_type == "v_prediction"
     ref.set_timesteps(3)
@@ -552,7 +551,7 @@ def test_ctrl_c_during_sampling(pipe, tiny_sd1, tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         pipe("a cat", **KW, callback=interrupt)
     # the CLI: Ctrl-C in the middle of a step -> exit 130, no file (not even a temporary one)
-    monkeypatch.setattr(StableDiffusionPipeline, "_unet_eval", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "guided_output", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     code, err = _main(["a cat", "--model", tiny_sd1, "--output", tmp_path / "x.png", "--width", 64, "--height", 64],
                       capsys)
     assert code == 130 and "interrupted" in err

@@ -215,3 +215,31 @@ def test_psnr() -> None:
     assert profile_memory.psnr(a, a + 0.1) == pytest.approx(20.0)
     with pytest.raises(ValueError):
         profile_memory.psnr(a, a[:, :2])
+
+
+# ------------------------------------------------------------------------------------------------ blas_benchmark
+
+def test_blas_benchmark_alternates_engines_and_summarises(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each engine runs in a fresh process with its SD_MLX_BLAS (the status proves which BLAS it got), the order
+    alternates round by round, and the table has one row per engine."""
+    import sys
+
+    from tools import blas_benchmark
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the BLAS choice is for MLX's Linux CPU backend")
+    out = tmp_path / "blas.json"
+    rc = blas_benchmark.main(["--engines", "off,/nonexistent/libblas.so", "--rounds", "2", "--size", "64",
+                              "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["engine"] for r in report["results"]] == ["off", "/nonexistent/libblas.so", "/nonexistent/libblas.so",
+                                                        "off"]
+    for r in report["results"]:
+        assert r["gflops"] > 0 and r["blas_status"]["fast"] is False
+    reasons = {r["engine"]: r["reason"] for r in report["summary"]}
+    assert "SD_MLX_BLAS=off" in reasons["off"] and "could not load /nonexistent" in reasons["/nonexistent/libblas.so"]
+    assert all(r["runs"] == 2 and r["min"] <= r["median"] <= r["max"] for r in report["summary"])
+    assert "| off | matmul (GFLOP/s) |" in capsys.readouterr().out
+    env = blas_benchmark.engine_env("scipy-openblas32@Haswell")
+    assert env["SD_MLX_BLAS"] == "scipy-openblas32" and env["OPENBLAS_CORETYPE"] == "Haswell"

@@ -8,9 +8,10 @@ between transformed input tiles and transformed kernels, plus additions before a
 ``csrc/cpu_winograd.cpp`` does the transforms on all cores and the products with the optimised BLAS that
 :mod:`sd_mlx.cpu.blas` loads for MLX (``cblas_sgemm``, looked up in the process's global scope). :func:`tile_size`
 picks F(4x4) from 32x32 outputs and F(2x2) below, where F(4x4)'s matrix products get too short. With a pthreads
-build of OpenBLAS (whose thread count is process-wide; not an OpenMP or serial build) the products are split over
-the kernel's own threads, whole products each, with OpenBLAS set to one thread meanwhile and restored after
-(concurrent calls share one saved count): OpenBLAS splitting each short product over the cores ran them at 110-160
+build of OpenBLAS (whose thread count is process-wide; not an OpenMP or serial build; the default scipy-openblas32
+is one, its ``scipy_``-prefixed thread functions found under their standard names, see :mod:`sd_mlx.cpu.blas`)
+the products are split over the kernel's own threads, whole products each, with OpenBLAS set to one thread
+meanwhile and restored after (concurrent calls share one saved count): OpenBLAS splitting each short product over the cores ran them at 110-160
 GFLOP/s on the 2-core CPU below, whole products per thread at 165-177; per convolution 3-20% faster, a whole U-Net
 call at batch 2 7.71 -> 7.52 s (median of 4, alternating in one process). With any other BLAS the products run one
 after another on all its threads. The transformed kernels are written with streaming stores (AVX): 2-3x faster

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, WeightLoadError
 from .configs import read_json
 from .weights import KeyMap, assign_weights, find_weight_file, read_safetensors, remap_weights
 
@@ -90,6 +90,50 @@ def load_component(folder: Path | str, spec: ComponentSpec, *, dtype: str | mx.D
                                                                    prefer_fp16=mx_dtype != mx.float32)
     mapped = remap_weights(read_safetensors(path), spec.keymap, source=str(path), benign=spec.benign)
     assign_weights(model, mapped, source=str(path), dtype=mx_dtype, keep_dtype=spec.keep_dtype, consume=True,
+                   evaluate=evaluate)
+    model.eval()
+    return model
+
+
+def load_from_source(source: Any, component: str, spec: ComponentSpec, *, dtype: str | mx.Dtype = "float32",
+                     evaluate: bool = True, config: Any = None) -> nn.Module:
+    """Build ``component`` from a model source (:mod:`sd_mlx.loading.source`: a diffusers folder or a single
+    file) and strictly load its weights, exactly as :func:`load_component` does for a folder.
+
+    Args:
+        source: the model source (``config(name)``, ``weights(name, prefer_fp16=)``).
+        component: ``"unet"``, ``"vae"``, ``"text_encoder"``, ``"text_encoder_2"``.
+        spec: see :class:`ComponentSpec`.
+        dtype: parameter dtype (for a folder, the ``*.fp16.safetensors`` variant is preferred for half types).
+        evaluate: see :func:`load_component`.
+        config: an already parsed config to use instead of ``source.config(component)``.
+
+    Returns:
+        The module in ``eval()`` mode.
+
+    Raises:
+        ConfigError, WeightLoadError: from the config and the weights (messages name the file, and for a single
+            file the key prefix of the component).
+    """
+    mx_dtype = parse_dtype(dtype)
+    if config is None:
+        cfg_dict, where = source.config(component)
+        config = spec.config_from_dict(cfg_dict, where)
+    model = spec.build(config)
+    weights, where = source.weights(component, prefer_fp16=mx_dtype != mx.float32)
+    mapped = remap_weights(weights, spec.keymap, source=where, benign=spec.benign)
+    del weights
+    original_key = getattr(source, "original_key", None)
+    if original_key is not None:
+        from mlx.utils import tree_flatten
+
+        missing = sorted(k for k, _ in tree_flatten(model.parameters()) if k not in mapped)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise WeightLoadError(f"{where}: missing weight '{original_key(component, missing[0]) or missing[0]}' "
+                                  f"(parameter '{missing[0]}'){more}; the file does not match the {component} "
+                                  f"config")
+    assign_weights(model, mapped, source=where, dtype=mx_dtype, keep_dtype=spec.keep_dtype, consume=True,
                    evaluate=evaluate)
     model.eval()
     return model

@@ -78,6 +78,19 @@ def validate_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def read_safetensors_metadata(path: Path | str) -> dict[str, str]:
+    """The ``__metadata__`` entries of a safetensors header (string to string; empty when absent). Call after
+    :func:`validate_safetensors_header` (this reads the same header again, without checks beyond JSON)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(min(n, 100 * 2**20))
+    try:
+        meta = json.loads(raw.decode("utf-8")).get("__metadata__") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def read_safetensors(path: Path | str) -> dict[str, mx.array]:
     """Lazily load every tensor of a ``.safetensors`` file as ``mx.array`` (memory-mapped, dtype as stored).
 

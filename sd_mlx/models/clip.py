@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..arrays import int_array
 from ..errors import InvalidArgumentError
 from ..loading.components import ComponentSpec, load_component
 from ..loading.configs import dataclass_from_dict, require
@@ -252,7 +253,8 @@ class CLIPTextModel(nn.Module):
         """Encode token ids.
 
         Args:
-            input_ids: ``(B, T)`` integer ids, ``T <= max_position_embeddings`` (77), e.g. from
+            input_ids: ``(B, T)`` integer ids (``mx.array`` or numpy, any integer dtype), ``T <=
+                max_position_embeddings`` (77), e.g. from
                 :class:`sd_mlx.tokenizer.CLIPTokenizer`.
 
         Returns:
@@ -260,10 +262,10 @@ class CLIPTextModel(nn.Module):
             (lazy; evaluate what you use).
 
         Raises:
-            InvalidArgumentError: ``input_ids`` is not 2-D or longer than ``max_position_embeddings``.
+            InvalidArgumentError: ``input_ids`` is not a 2-D integer array or is longer than
+                ``max_position_embeddings``.
         """
-        if input_ids.ndim != 2:
-            raise InvalidArgumentError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        input_ids = int_array(input_ids, "input_ids", ("B", "T"), layout="of token ids")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise InvalidArgumentError(f"input_ids has {input_ids.shape[1]} tokens; the text encoder takes at most "
                                        f"{self.config.max_position_embeddings} (use chunking for long prompts)")

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..arrays import float_array
 from ..errors import InvalidArgumentError, ModelNotFoundError
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json, require
@@ -276,10 +277,9 @@ class AutoencoderTiny(nn.Module):
         part = self.encoder if self.has_encoder else self.decoder
         return self.compute_dtype or part.layers[0].weight.dtype
 
-    def _check(self, x: mx.array, channels: int, what: str) -> None:
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise InvalidArgumentError(f"TAESD {what} expects a (B, H, W, {channels}) array, got shape "
-                                       f"{tuple(x.shape)}")
+    def _check(self, x: Any, channels: int, what: str) -> mx.array:
+        # numpy or mx.array of real numbers, (B, H, W, channels), as an mx.array in the activation dtype
+        return float_array(x, f"TAESD {what} input", ("B", "H", "W", channels), layout="NHWC", dtype=self.dtype)
 
     def encode(self, x: mx.array) -> mx.array:
         """Encode images to raw TAESD latents (diffusers ``AutoencoderTiny.encode(x).latents``).
@@ -297,8 +297,7 @@ class AutoencoderTiny(nn.Module):
         if not self.has_encoder:
             raise InvalidArgumentError("this TAESD was loaded decoder-only (no taesd_encoder.safetensors); load "
                                        "a folder with the encoder weights to encode images")
-        self._check(x, self.config.in_channels, "encode")
-        return self.encoder(x.astype(self.dtype))
+        return self.encoder(self._check(x, self.config.in_channels, "encode"))
 
     def decode(self, latents: mx.array) -> mx.array:
         """Decode TAESD latents to images (diffusers ``AutoencoderTiny.decode(z).sample``).
@@ -316,8 +315,7 @@ class AutoencoderTiny(nn.Module):
         if not self.has_decoder:
             raise InvalidArgumentError("this TAESD was loaded encoder-only (no taesd_decoder.safetensors); load "
                                        "a folder with the decoder weights to decode latents")
-        self._check(latents, self.config.latent_channels, "decode")
-        return self.decoder(latents.astype(self.dtype))
+        return self.decoder(self._check(latents, self.config.latent_channels, "decode"))
 
     def scale_latents(self, latents: mx.array) -> mx.array:
         """Raw latents -> ``[0, 1]``: ``clip(z / (2 * latent_magnitude) + latent_shift, 0, 1)`` (diffusers

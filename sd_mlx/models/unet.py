@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..arrays import float_array
 from ..loading.components import ComponentSpec, load_component
 from ..loading.configs import dataclass_from_dict
 from ..loading.keymaps.unet import unet_keymap
@@ -440,20 +441,24 @@ class UNet2DConditionModel(nn.Module):
             ``(B, h, w, out_channels)`` in :attr:`dtype`.
 
         Raises:
+            InvalidArgumentError: ``sample`` is not ``(B, h, w, in_channels)`` or ``encoder_hidden_states`` not
+                ``(B, T, cross_attention_dim)`` real numbers (numpy or ``mx.array`` of any float or integer dtype
+                are accepted).
             ValueError: ``sample`` has no rows, ``B`` is not a multiple of its rows, or ``timestep`` has neither one
                 value nor one per row of ``sample``.
         """
         c = self.config
         dtype = self.dtype
-        x = sample.astype(dtype)
-        context = encoder_hidden_states.astype(dtype)
+        x = float_array(sample, "sample", ("B", "h", "w", c.in_channels), layout="NHWC latents", dtype=dtype)
+        context = float_array(encoder_hidden_states, "encoder_hidden_states",
+                              ("B", "T", c.cross_attention_dims[0]), dtype=dtype)
         b, rows = x.shape[0], context.shape[0]
         if b == 0:
             raise ValueError("sample has no rows: pass at least one latent")
         if rows % b:
             raise ValueError(f"encoder_hidden_states has {rows} rows for {b} rows of sample: it needs as many, or "
                              f"a multiple (each latent shared by that many contexts)")
-        t = mx.array(timestep) if not isinstance(timestep, mx.array) else timestep
+        t = float_array(timestep, "timestep", dtype=mx.float32)
         if t.size not in (1, b):
             raise ValueError(f"timestep has {t.size} values; expected 1 or one per row of sample ({b})")
         t = mx.broadcast_to(t.reshape(-1), (b,)) if t.size == 1 else t.reshape(b)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..arrays import float_array
 from ..loading.components import ComponentSpec, load_component, parse_dtype
 from ..loading.configs import dataclass_from_dict, read_json
 from ..loading.keymaps.vae import vae_keymap
@@ -275,8 +276,13 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode_moments(self, x: mx.array) -> mx.array:
-        """Encoder then ``quant_conv``: ``(B, H, W, in_channels)`` -> ``(B, H/f, W/f, 2 * latent_channels)``."""
-        m = self.encoder(x.astype(self.dtype))
+        """Encoder then ``quant_conv``: ``(B, H, W, in_channels)`` -> ``(B, H/f, W/f, 2 * latent_channels)``.
+
+        Raises:
+            InvalidArgumentError: ``x`` is not ``(B, H, W, in_channels)`` real numbers (numpy or ``mx.array``).
+        """
+        x = float_array(x, "x", ("B", "H", "W", self.config.in_channels), layout="NHWC images", dtype=self.dtype)
+        m = self.encoder(x)
         if "quant_conv" in self:
             m = self.quant_conv(m)
         return m
@@ -304,8 +310,12 @@ class AutoencoderKL(nn.Module):
 
         Returns:
             ``(B, f h, f w, out_channels)`` images, nominally in ``[-1, 1]`` (not clipped), in :attr:`dtype`.
+
+        Raises:
+            InvalidArgumentError: ``z`` is not ``(B, h, w, latent_channels)`` real numbers (numpy or ``mx.array``).
         """
-        z = z.astype(self.dtype)
+        z = float_array(z, "z", ("B", "h", "w", self.config.latent_channels), layout="NHWC latents",
+                        dtype=self.dtype)
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..arrays import float_array
 from ..errors import ConfigError, InvalidArgumentError
 from .config import DIFFUSERS_DEFAULTS, SchedulerConfig
 
@@ -332,6 +333,7 @@ class Scheduler:
             sample: latents ``(B, H, W, C)`` (any layout), any float dtype; returned in the same dtype.
             i: iteration index into :attr:`timesteps`.
         """
+        sample = float_array(sample, "sample")
         self._check_index(i)
         return sample
 
@@ -352,6 +354,9 @@ class Scheduler:
             InvalidArgumentError: ``set_timesteps`` not called, ``i`` out of range or not consecutive, shape
                 mismatch, or ``noise`` missing when needed.
         """
+        model_output = float_array(model_output, "model_output")
+        sample = float_array(sample, "sample")
+        noise = None if noise is None else float_array(noise, "noise")
         self._check_index(i)
         if self._next_index is not None and i != self._next_index:
             raise InvalidArgumentError(f"{type(self).__name__}.step: expected iteration {self._next_index}, got {i}; "
@@ -384,6 +389,8 @@ class Scheduler:
         Returns:
             Noisy latents in ``original_samples``' dtype.
         """
+        original_samples = float_array(original_samples, "original_samples")
+        noise = float_array(noise, "noise", tuple(original_samples.shape))
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------------------------------
@@ -479,6 +486,7 @@ class SigmaScheduler(Scheduler):
 
     def scale_model_input(self, sample: mx.array, i: int) -> mx.array:
         """``sample / sqrt(sigmas[i]^2 + 1)`` in ``sample``'s dtype (diffusers' ``scale_model_input``)."""
+        sample = float_array(sample, "sample")
         i = self._check_index(i)
         sigma = self.sigmas[i]
         return sample / float(np.sqrt(sigma * sigma + _F32(1.0)))
@@ -490,6 +498,8 @@ class SigmaScheduler(Scheduler):
         Raises:
             InvalidArgumentError: ``set_timesteps`` not called, or a timestep that is not in :attr:`timesteps`.
         """
+        original_samples = float_array(original_samples, "original_samples")
+        noise = float_array(noise, "noise", tuple(original_samples.shape))
         batch = original_samples.shape[0]
         idx = [self._index_for_timestep(t) for t in self._timestep_list(timesteps, batch)]
         sig = self.sigmas[idx].reshape((batch,) + (1,) * (original_samples.ndim - 1))

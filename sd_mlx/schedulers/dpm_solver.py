@@ -7,6 +7,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..arrays import float_array
 from ..errors import InvalidArgumentError
 from .base import Scheduler, f32, fl, karras_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 
@@ -124,6 +125,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         Raises:
             InvalidArgumentError: ``set_timesteps`` not called, or a timestep not in :attr:`timesteps`.
         """
+        original_samples = float_array(original_samples, "original_samples")
+        noise = float_array(noise, "noise", tuple(original_samples.shape))
         batch = original_samples.shape[0]
         idx = [self._index_for_timestep(t) for t in self._timestep_list(timesteps, batch)]
         alpha, sig = _alpha_sigma(self.sigmas[idx])

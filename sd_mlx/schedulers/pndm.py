@@ -7,6 +7,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..arrays import float_array
 from ..errors import InvalidArgumentError
 from .base import Scheduler, f32, fl, spaced_timesteps
 
@@ -70,6 +71,8 @@ class PNDMScheduler(Scheduler):
     def add_noise(self, original_samples: mx.array, noise: mx.array,
                   timesteps: int | float | Sequence[int | float] | np.ndarray) -> mx.array:
         """``sqrt(abar_t) x + sqrt(1 - abar_t) noise`` (diffusers' ``add_noise``)."""
+        original_samples = float_array(original_samples, "original_samples")
+        noise = float_array(noise, "noise", tuple(original_samples.shape))
         return self._add_noise_alphas(original_samples, noise, timesteps)
 
     def _step(self, model_output: mx.array, i: int, sample: mx.array, noise: mx.array | None) -> mx.array:
