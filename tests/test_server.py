@@ -265,6 +265,7 @@ def test_failed_job_leaves_the_server_ready(srv, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- models
 def test_sd_models_options_and_model_switch(srv, models_dir):
+    _idle(srv)
     models = srv.ok("GET", "/sdapi/v1/sd-models")
     assert [m["title"] for m in models] == ["tiny-sd1", "tiny-sd2"]
     for m in models:
@@ -596,3 +597,22 @@ def test_cli_refuses_open_host_and_serves_then_stops_cleanly(models_dir, assets,
     # a clean exit: the worker thread cleaned up MLX's streams (no "terminate called ..." abort, status 134)
     assert proc.returncode == 0, err
     assert "terminate called" not in err
+
+
+def test_single_file_listed_and_a_model_that_fails_to_load_leaves_the_server_ready(srv, models_dir, tiny_sd1):
+    from tools.convert import diffusers_to_single
+
+    # the tiny file needs its folder's configs (config=), which the server does not pass: its weights do not fit
+    # sd_mlx's built-in SD 1.x config, so loading it fails; a real SD 1.x/2.x file loads with the built-in ones
+    single = diffusers_to_single(tiny_sd1, models_dir / "tiny-single.safetensors")
+    try:
+        models = srv.ok("GET", "/sdapi/v1/sd-models")
+        entry = next(m for m in models if m["title"] == "tiny-single.safetensors")
+        assert entry["filename"] == str(single.resolve())
+        status, _, r = srv.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "tiny-single.safetensors"})
+        assert status == 500 and r["error"] == "WeightLoadError" and "tiny-single.safetensors" in r["detail"], r
+        assert srv.ok("GET", "/sdapi/v1/options")["sd_model_checkpoint"] == "tiny-sd1"
+        assert len(_txt2img(srv, seed=1)[2]["images"]) == 1  # the old model is loaded again for the next job
+        assert srv.server.worker.entry.title == "tiny-sd1"
+    finally:
+        single.unlink()

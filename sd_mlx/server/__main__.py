@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Serve Stable Diffusion over AUTOMATIC1111's HTTP API, with a web page.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model loaded at start: {MODEL_HELP}, or the name "
                    f"of a folder in --models-dir")
-    p.add_argument("--models-dir", type=Path, default=None, help="folder of diffusers model folders clients may "
-                   "switch to (sd_model_checkpoint); nothing outside it is ever read for a client (default: none, "
-                   "only --model)")
+    p.add_argument("--models-dir", type=Path, default=None, help="folder of models clients may switch to "
+                   "(sd_model_checkpoint): diffusers folders and single .safetensors/.ckpt files; nothing outside "
+                   "it is ever read for a client (default: none, only --model)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where requests with save_images "
                    "write their PNGs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs "

@@ -1,4 +1,6 @@
-"""The models a server may load: the start-up ``--model`` and the diffusers folders inside ``--models-dir``.
+"""The models a server may load: the start-up ``--model`` and the models inside ``--models-dir``: diffusers
+folders, and single-file checkpoints (``.safetensors``, ``.ckpt``, ``.pt``, titled by their file name as A1111 does;
+their family is detected and sd_mlx's built-in configs are used, see :func:`sd_mlx.load_pipeline`).
 
 Clients pick a model by its *title* (``GET /sdapi/v1/sd-models``), never by a path: a name is looked up in the list
 of titles, and the list holds only the start-up model (the administrator's choice) and folders whose real path
@@ -15,6 +17,7 @@ from typing import Any
 from ..errors import ModelNotFoundError
 
 _REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,8 @@ class ModelRegistry:
             self.startup = match
         else:
             path = Path(startup).expanduser()
-            title = path.name if path.is_dir() else startup
-            self.startup = ModelEntry(title=title, source=str(path) if path.is_dir() else startup)
+            local = path.exists()
+            self.startup = ModelEntry(title=path.name if local else startup, source=str(path) if local else startup)
 
     def _scan(self) -> list[ModelEntry]:
         if self.models_dir is None:
@@ -75,7 +78,7 @@ class ModelRegistry:
             real = child.resolve()
             if real.parent != self.models_dir and self.models_dir not in real.parents:
                 continue  # a link leading outside the models folder
-            if is_model_folder(real):
+            if is_model_folder(real) or (real.is_file() and real.suffix.lower() in SINGLE_FILE_SUFFIXES):
                 out.append(ModelEntry(title=child.name, source=str(real)))
         return out
 
