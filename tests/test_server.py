@@ -331,7 +331,8 @@ def test_no_path_outside_models_dir_or_output_dir(srv, models_dir, tiny_sd1, tmp
     r = _txt2img(srv, seed=9, save_images=True, batch_size=2)[2]
     saved = sorted(out.glob("sd_mlx-*.png"))
     assert len(saved) == 2 and all(p.parent == out for p in saved)
-    assert Image.open(saved[0]).info["parameters"] == json.loads(r["info"])["infotexts"][0]
+    with Image.open(saved[0]) as im:
+        assert im.info["parameters"] == json.loads(r["info"])["infotexts"][0]
     assert srv.ok("GET", "/sdapi/v1/options")["outdir_samples"] == str(out)
 
 
